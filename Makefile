@@ -1,0 +1,55 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+# Everything is installed into .venv; torch (CPU build) goes in first so that no
+# later package pulls a CUDA wheel.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck unit bench-store bench-ttft clean install-serve install-dev
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.created
+	$(PIP) install -q $(TORCH)
+	touch $@
+
+$(VENV)/.serve: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e '.[engines,server]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.serve pyproject.toml
+	$(PIP) install -q -e '.[engines,server,redis,postgres,bench,dev]'
+	touch $@
+
+install-serve: $(VENV)/.serve
+install-dev: $(VENV)/.dev
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/kvfactory serve --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.dev lint typecheck
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+bench-store: $(VENV)/.dev
+	$(PY) benchmarks/store_bandwidth.py
+
+bench-ttft: $(VENV)/.dev
+	$(PY) benchmarks/ttft_reuse.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,122 @@
+"""Settings for every kvfactory process, from one place.
+
+Precedence: explicit values (CLI flags) > environment ``KVFACTORY_<FIELD>`` > TOML file >
+defaults. The TOML file is given by ``--config`` or ``KVFACTORY_CONFIG`` and holds the same
+field names at top level (or under a ``[kvfactory]`` table). This module knows nothing about
+what the settings drive.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvfactory.errors import ConfigError
+
+ENV_PREFIX = "KVFACTORY_"
+GiB = 1 << 30
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvfactory"
+
+
+class Settings(BaseModel):
+    """Every tunable of a kvfactory process. Field names double as env/TOML keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: Path | None = Field(
+        default=None, description="local HF causal-LM folder; default: embedded SmolLM2"
+    )
+    served_model_name: str | None = Field(
+        default=None, description="name clients use; default: the model folder's name"
+    )
+    home: Path = Field(default_factory=_default_home, description="converted models, store")
+    store_dir: Path | None = Field(default=None, description="disk tier; default: HOME/store")
+    memory_bytes: int = Field(default=2 * GiB, ge=0, description="memory tier budget")
+    disk_bytes: int = Field(default=20 * GiB, ge=0, description="disk tier budget")
+    chunk_tokens: int = Field(default=256, ge=16, le=65536)
+    eviction: str = "prefix_lru"
+    admission: str = "second_hit"
+    write_queue_blocks: int = Field(default=256, ge=1)
+    reuse: bool = Field(default=True, description="consult and fill the context store")
+    exact_prefill: bool = Field(
+        default=True, description="prefill in chunk-aligned pieces so reuse is bit-exact"
+    )
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch: int = Field(default=16, ge=1, description="sequences decoded together")
+    max_queue: int = Field(default=256, ge=1, description="requests waiting before 429")
+    remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")
+    log_level: str = "info"
+
+    @field_validator("store_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return self.store_dir if self.store_dir is not None else self.home / "store"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    table = data.get("kvfactory", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [kvfactory] must be a table")
+    return dict(table)
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    fields = Settings.model_fields
+    found: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in fields:
+            found[key] = value
+    return found
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults < file < env < overrides; ``None`` overrides are ignored."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    file_path = config_file or (Path(env["KVFACTORY_CONFIG"]) if "KVFACTORY_CONFIG" in env else None)
+    if file_path is not None:
+        merged.update(_read_file(file_path))
+    merged.update(_read_env(env))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
+
+
+__all__ = ["GiB", "Settings", "load_settings"]
