@@ -69,6 +69,12 @@ cmd_start() {
   echo "redis://127.0.0.1:$port/0"
 }
 
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state:0:1}" != "Z" ]
+}
+
 cmd_stop() {
   [ $# -ge 1 ] || die "usage: redis.sh stop DIR"
   local dir=$1 pidfile pid
@@ -77,11 +83,13 @@ cmd_stop() {
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
     if kill "$pid" 2>/dev/null; then
+      # A daemonized server is not our child: where nothing reaps it, it lingers as a
+      # zombie that `kill -0` still sees, so wait for it to be gone or defunct.
       for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.05
       done
-      kill -9 "$pid" 2>/dev/null || true
+      if alive "$pid"; then kill -9 "$pid" 2>/dev/null || true; fi
     fi
     rm -f "$pidfile"
   done

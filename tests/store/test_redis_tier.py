@@ -1,0 +1,286 @@
+"""RedisTier against real redis-server processes: round trips, TTL, budget, cluster, outages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+pytest.importorskip("redis")
+
+from redis_fixtures import RedisClusterProcs, RedisServer, free_port
+
+from kvfactory._types import BlockKey, ModelFingerprint
+from kvfactory.errors import ConfigError
+from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block
+from kvfactory.store.keys import Namespace, chunk_keys
+from kvfactory.store.tiers.redis import RedisTier, parse_remote_url
+from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+
+pytestmark = pytest.mark.redis
+
+FINGERPRINT = ModelFingerprint(
+    weights_digest="w" * 8, tokenizer_digest="t" * 8, kv_layout="test", dtype="uint8",
+    chunk_tokens=16,
+)  # fmt: skip
+NAMESPACE = Namespace.create(FINGERPRINT, b"salt")
+
+
+def make_blocks(
+    count: int, payload_bytes: int = 4096, seed: int = 0
+) -> list[tuple[BlockKey, bytes]]:
+    """``count`` chained, encoded blocks of one prompt; payloads differ per block and seed."""
+    tokens = [(seed * 7919 + i) % 50000 for i in range(count * FINGERPRINT.chunk_tokens)]
+    keys = chunk_keys(tokens, NAMESPACE)
+    blocks = []
+    parent: bytes = NAMESPACE.id
+    for index, key in enumerate(keys):
+        header = BlockHeader(
+            dtype="uint8", shape=(payload_bytes,), namespace=NAMESPACE.id, key=key,
+            parent=parent, chunk_index=index, num_tokens=FINGERPRINT.chunk_tokens,
+        )  # fmt: skip
+        payload = bytes((index * 31 + seed + j) % 251 for j in range(256)) * (payload_bytes // 256)
+        blocks.append((key, encode_block(KVBlock(header=header, payload=payload))))
+        parent = key
+    return blocks
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def kinds(log: IncidentLog, kind: IncidentKind) -> int:
+    return len(log.recent(limit=1000, kind=kind))
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+
+def test_urls_map_valkey_and_cluster_and_redact_passwords() -> None:
+    valkey = parse_remote_url("valkey://:pw@cache:7000/2")
+    assert (valkey.url, valkey.cluster, valkey.nodes) == (
+        "redis://:pw@cache:7000/2",
+        False,
+        (("cache", 7000),),
+    )
+    assert "pw" not in valkey.redacted
+    tls = parse_remote_url("valkeys://cache")
+    assert tls.url.startswith("rediss://") and tls.nodes == (("cache", 6379),)
+    cluster = parse_remote_url("redis+cluster://u:secret@a:1,b:2,[::1]:3")
+    assert cluster.cluster and cluster.nodes == (("a", 1), ("b", 2), ("::1", 3))
+    assert cluster.url == "redis://u:secret@a:1" and "secret" not in cluster.redacted
+    assert parse_remote_url("redis://a:1", cluster=True).cluster
+    for bad in ("http://a:1", "a:1", "redis://a:1,b:2", "redis://a:notaport", "redis://"):
+        with pytest.raises(ConfigError):
+            parse_remote_url(bad)
+
+
+# -- standalone --------------------------------------------------------------------------
+
+
+def test_round_trip_batches_and_stats(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, namespace_prefix="t1:")
+    blocks = make_blocks(6)
+    absent = make_blocks(1, seed=99)[0][0]
+    try:
+        assert tier.put_many(blocks[:5]) == [True] * 5
+        assert tier.put(*blocks[5])
+        keys = [k for k, _ in blocks]
+        got = tier.get_many([keys[0], absent, *keys[1:]])
+        assert got[1] is None
+        assert got[:1] + got[2:] == [data for _, data in blocks]
+        assert decode_block(got[0] or b"", expected_key=keys[0]).header.chunk_index == 0
+        assert tier.contains_many([absent, keys[3]]) == [False, True]
+        assert tier.get(absent) is None and not tier.contains(absent)
+        assert sorted(tier.keys()) == sorted(keys)
+        assert redis_server.client().exists(b"t1:" + keys[0].hex().encode()) == 1
+
+        assert tier.delete(keys[0]) and not tier.delete(keys[0])
+        assert tier.delete_many(keys[1:3]) == 2
+        stats = tier.stats()
+        assert stats.name == "remote" and stats.blocks == 3
+        assert stats.hits == 6 and stats.misses == 2
+        assert stats.extra["bytes_written"] == sum(len(d) for _, d in blocks)
+        assert stats.extra["state"] == "up" and stats.bytes > 0
+        tier.clear()
+        assert list(tier.keys()) == [] and tier.get(keys[5]) is None
+        assert tier.verify_on_read and tier.read_cost.seconds(10**9) > 1.0
+    finally:
+        tier.close()
+
+
+def test_namespace_prefixes_do_not_see_each_other(redis_server: RedisServer) -> None:
+    first, second = (RedisTier(redis_server.url, namespace_prefix=p) for p in ("a:", "b:"))
+    key, data = make_blocks(1)[0]
+    try:
+        assert first.put(key, data)
+        assert second.get(key) is None and list(second.keys()) == []
+        second.clear()
+        assert first.get(key) == data
+    finally:
+        first.close()
+        second.close()
+
+
+def test_ttl_expires_blocks_and_reads_refresh_it(redis_server: RedisServer) -> None:
+    short = RedisTier(redis_server.url, namespace_prefix="ttl1:", ttl_s=1)
+    long = RedisTier(redis_server.url, namespace_prefix="ttl2:", ttl_s=300)
+    server = redis_server.client()
+    (key, data), (other, other_data) = make_blocks(2)
+    try:
+        assert short.put(key, data)
+        name = b"ttl1:" + key.hex().encode()
+        assert 0 < server.pttl(name) <= 1000
+        wait_until(lambda: server.exists(name) == 0, timeout_s=5)  # polling get would slide it
+        assert short.get(key) is None
+
+        assert long.put(other, other_data)
+        name = b"ttl2:" + other.hex().encode()
+        server.expire(name, 5)
+        assert long.get(other) == other_data  # a read slides the TTL back to ttl_s
+        assert server.ttl(name) > 100
+    finally:
+        short.close()
+        long.close()
+
+
+def test_memory_budget_is_enforced_by_the_server_and_evictions_counted(
+    redis_server: RedisServer,
+) -> None:
+    budget = 6 << 20
+    tier = RedisTier(redis_server.url, namespace_prefix="mem:", max_bytes=budget)
+    blocks = make_blocks(20, payload_bytes=1 << 20)
+    try:
+        tier.put_many(blocks)
+        server = redis_server.client()
+        assert int(server.config_get("maxmemory")["maxmemory"]) == budget
+        assert server.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+        stats = tier.stats()
+        assert stats.extra["budget_mode"] == "server" and stats.capacity_bytes == budget
+        assert 0 < stats.blocks < 20
+        assert stats.evictions >= 20 - stats.blocks
+        assert tier.get(blocks[-1][0]) == blocks[-1][1]  # the newest survive LRU
+    finally:
+        tier.close()
+
+
+def test_budget_is_tracked_when_the_server_refuses_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from redis_fixtures import require_redis_server
+
+    require_redis_server()
+    server = RedisServer(tmp_path / "noconfig", args=["--rename-command", "CONFIG", ""]).start()
+    tier = RedisTier(server.url, namespace_prefix="trk:", max_bytes=3 << 20)
+    blocks = make_blocks(8, payload_bytes=1 << 20)
+    try:
+        assert tier.put_many(blocks[:4]) == [True] * 4  # first look: under budget
+        time.sleep(1.1)  # the tracked budget re-reads used_memory at most once a second
+        assert tier.put(*blocks[4]) is False
+        stats = tier.stats()
+        assert stats.extra["budget_mode"] == "tracked"
+        assert stats.extra["put_refused"] == 1 and stats.blocks == 4
+    finally:
+        tier.close()
+        server.stop()
+
+
+def test_kill_mid_workload_degrades_to_misses_with_one_incident_then_recovers(
+    redis_server: RedisServer,
+) -> None:
+    incidents = IncidentLog()
+    tier = RedisTier(
+        redis_server.url, namespace_prefix="k:", incidents=incidents,
+        backoff_initial_s=0.05, backoff_max_s=0.2,
+    )  # fmt: skip
+    blocks = make_blocks(4)
+    keys = [k for k, _ in blocks]
+    try:
+        assert tier.put_many(blocks) == [True] * 4
+        assert tier.get_many(keys) == [d for _, d in blocks]
+        redis_server.kill()
+        for _ in range(40):  # serving continues: every call answers, none raises
+            assert tier.get_many(keys) == [None] * 4
+            assert tier.contains_many(keys) == [False] * 4
+            assert tier.put(*blocks[0]) is False
+            assert list(tier.keys()) == []
+            time.sleep(0.01)
+        stats = tier.stats()
+        assert stats.extra["state"] == "down" and stats.extra["skipped_calls"] > 0
+        assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
+        assert kinds(incidents, IncidentKind.TIER_RECOVERED) == 0
+
+        redis_server.start()  # same port, empty memory
+        wait_until(lambda: tier.put_many(blocks) == [True] * 4)
+        assert tier.get_many(keys) == [d for _, d in blocks]
+        assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
+        assert kinds(incidents, IncidentKind.TIER_RECOVERED) == 1
+        recovered = incidents.recent(kind=IncidentKind.TIER_RECOVERED)[0]
+        assert recovered.details["tier"] == "remote" and recovered.details["downtime_s"] > 0
+        assert tier.stats().extra["outages"] == 1
+    finally:
+        tier.close()
+
+
+def test_a_hung_server_times_out_then_hits_resume(redis_server: RedisServer) -> None:
+    incidents = IncidentLog()
+    tier = RedisTier(
+        redis_server.url, namespace_prefix="h:", incidents=incidents,
+        socket_timeout_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.2,
+    )  # fmt: skip
+    key, data = make_blocks(1)[0]
+    try:
+        assert tier.put(key, data)
+        redis_server.pause()
+        try:
+            assert tier.get(key) is None
+            assert tier.get(key) is None  # backing off: answered without the network
+            assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
+            assert tier.stats().extra["skipped_calls"] >= 1
+        finally:
+            redis_server.resume()
+        wait_until(lambda: tier.get(key) == data)
+        assert kinds(incidents, IncidentKind.TIER_RECOVERED) == 1
+    finally:
+        tier.close()
+
+
+def test_unreachable_from_the_start_is_a_miss_not_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    incidents = IncidentLog()
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}", incidents=incidents)
+    key, data = make_blocks(1)[0]
+    assert tier.get(key) is None and tier.put(key, data) is False
+    stats = tier.stats()
+    assert stats.blocks == 0 and stats.extra["state"] == "down"
+    assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
+    tier.close()
+
+
+# -- cluster -----------------------------------------------------------------------------
+
+
+def test_cluster_round_trip_spreads_keys_over_nodes(redis_cluster: RedisClusterProcs) -> None:
+    tier = RedisTier(redis_cluster.url, namespace_prefix="c:", ttl_s=600, max_bytes=300 << 20)
+    blocks = make_blocks(24)
+    keys = [k for k, _ in blocks]
+    try:
+        assert tier.put_many(blocks) == [True] * 24
+        assert tier.get_many(keys) == [d for _, d in blocks]
+        assert tier.contains_many(keys[:3]) == [True] * 3
+        per_node = [redis_cluster.node_client(p).dbsize() for p in redis_cluster.ports]
+        assert sum(per_node) == 24 and sum(1 for n in per_node if n > 0) >= 2
+        for port in redis_cluster.ports:
+            maxmemory = redis_cluster.node_client(port).config_get("maxmemory")["maxmemory"]
+            assert int(maxmemory) == (300 << 20) // 3
+        assert sorted(tier.keys()) == sorted(keys)
+        stats = tier.stats()
+        assert stats.blocks == 24 and stats.extra["cluster"] is True
+        assert tier.delete_many(keys[:10]) == 10
+        assert tier.get_many(keys[:11])[-1] == blocks[10][1]
+        tier.clear()
+        assert tier.stats().blocks == 0
+    finally:
+        tier.close()
