@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import TYPE_CHECKING
 
-from kvfactory.store.tiers.base import TransferCost
+if TYPE_CHECKING:  # the tier package imports policies; a runtime import would be circular
+    from kvfactory.store.tiers.base import TransferCost
 
 DEFAULT_SMOOTHING = 0.2
 

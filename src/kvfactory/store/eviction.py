@@ -65,6 +65,11 @@ class LRUPolicy:
         return next(iter(order), None)
 
 
+ORPHAN, LEAF, INNER = 0, 1, 2
+"""Chain positions: an *orphan*'s parent is not resident (it cannot be hit as a prefix
+until the parent returns), a *leaf* has no resident child, an *inner* block has one."""
+
+
 @dataclass(slots=True)
 class _Entry:
     """What a ranked policy remembers about one resident block."""
@@ -82,13 +87,14 @@ class _RankedPolicy:
 
     Every rank change pushes a fresh heap item and bumps the entry's sequence number, so
     stale items are recognised (and dropped) when they surface. The heap is rebuilt when
-    stale items outnumber live ones, keeping memory O(n) and operations O(log n) amortised.
-    Subclasses define ``_rank``; ranks must grow with recency so a rotated pin moves back.
+    stale items outnumber live ones, keeping memory O(n) and operations O(log n) amortised
+    (a block's arrival or departure re-ranks its parent and its resident children).
+    Subclasses define ``_rank``; ``last_use`` ticks are unique, so ranks never tie.
     """
 
     def __init__(self) -> None:
         self._entries: dict[BlockKey, _Entry] = {}
-        self._resident_children: dict[bytes, int] = {}
+        self._children: dict[bytes, dict[BlockKey, None]] = {}
         self._heap: list[tuple[tuple[int, ...], int, BlockKey]] = []
         self._seq = itertools.count()
         self._clock = 0
@@ -96,18 +102,20 @@ class _RankedPolicy:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _rank(self, entry: _Entry, is_leaf: bool) -> tuple[int, ...]:
+    def _rank(self, entry: _Entry, position: int) -> tuple[int, ...]:
         raise NotImplementedError
 
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
-    def _is_leaf(self, key: BlockKey) -> bool:
-        return self._resident_children.get(key, 0) == 0
+    def _position(self, key: BlockKey, entry: _Entry) -> int:
+        if entry.chunk_index > 0 and BlockKey(entry.parent) not in self._entries:
+            return ORPHAN
+        return INNER if key in self._children else LEAF
 
     def _push(self, key: BlockKey, entry: _Entry) -> None:
-        entry.rank = self._rank(entry, self._is_leaf(key))
+        entry.rank = self._rank(entry, self._position(key, entry))
         entry.seq = next(self._seq)
         heapq.heappush(self._heap, (entry.rank, entry.seq, key))
         if len(self._heap) > 2 * len(self._entries) + 64:
@@ -119,17 +127,22 @@ class _RankedPolicy:
         if entry is not None:
             self._push(BlockKey(key), entry)
 
+    def _rerank_children(self, key: BlockKey) -> None:
+        for child in self._children.get(key, ()):
+            self._push(child, self._entries[child])
+
     def on_insert(self, key: BlockKey, size: int, chunk_index: int, parent: bytes) -> None:
         if key in self._entries:
             self.on_access(key)
             return
         entry = _Entry(parent=parent, chunk_index=chunk_index, uses=1, last_use=self._tick())
         self._entries[key] = entry
+        siblings = self._children.setdefault(parent, {})
+        siblings[key] = None
         self._push(key, entry)
-        children = self._resident_children.get(parent, 0)
-        self._resident_children[parent] = children + 1
-        if children == 0:
+        if len(siblings) == 1:
             self._rerank(parent)  # the parent just stopped being a leaf
+        self._rerank_children(key)  # they stop being orphans
 
     def on_access(self, key: BlockKey) -> None:
         entry = self._entries.get(key)
@@ -143,12 +156,12 @@ class _RankedPolicy:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
-        children = self._resident_children[entry.parent] - 1
-        if children:
-            self._resident_children[entry.parent] = children
-        else:
-            del self._resident_children[entry.parent]
+        siblings = self._children[entry.parent]
+        del siblings[key]
+        if not siblings:
+            del self._children[entry.parent]
             self._rerank(entry.parent)  # the parent just became a leaf
+        self._rerank_children(key)  # they become orphans
 
     def _is_current(self, seq: int, key: BlockKey) -> bool:
         entry = self._entries.get(key)
@@ -183,24 +196,24 @@ class _RankedPolicy:
 
 
 class PrefixLRUPolicy(_RankedPolicy):
-    """Least recently used leaf first; blocks with resident children only after all leaves."""
+    """Orphans first, then least recently used leaves, then blocks with resident children."""
 
-    def _rank(self, entry: _Entry, is_leaf: bool) -> tuple[int, ...]:
-        return (0 if is_leaf else 1, entry.last_use)
+    def _rank(self, entry: _Entry, position: int) -> tuple[int, ...]:
+        return (position, entry.last_use)
 
 
 class LFUAgingPolicy(_RankedPolicy):
-    """LFU with dynamic aging; ties broken leaf first, then least recently used."""
+    """Orphans first, then LFU with dynamic aging; ties go to leaves, then to the oldest."""
 
     def __init__(self) -> None:
         super().__init__()
         self._age = 0
 
-    def _rank(self, entry: _Entry, is_leaf: bool) -> tuple[int, ...]:
-        return (self._age + entry.uses, 0 if is_leaf else 1, entry.last_use)
+    def _rank(self, entry: _Entry, position: int) -> tuple[int, ...]:
+        return (min(position, 1), self._age + entry.uses, position, entry.last_use)
 
     def _victim_chosen(self, entry: _Entry) -> None:
-        self._age = max(self._age, entry.rank[0])
+        self._age = max(self._age, entry.rank[1])
 
 
 class S3FIFOPolicy:

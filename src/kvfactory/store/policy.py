@@ -69,6 +69,11 @@ def make_eviction_policy(name: str) -> EvictionPolicy:
     return factory()
 
 
+def resolve_eviction_policy(policy: EvictionPolicy | str) -> EvictionPolicy:
+    """``policy`` itself, or a fresh one when given a registry name (what tiers accept)."""
+    return make_eviction_policy(policy) if isinstance(policy, str) else policy
+
+
 def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
     """A fresh admission policy by registry name, built with ``options``."""
     factory = ADMISSION_POLICIES.get(name)
@@ -90,4 +95,5 @@ __all__ = [
     "EvictionPolicy",
     "make_admission_policy",
     "make_eviction_policy",
+    "resolve_eviction_policy",
 ]

@@ -1,0 +1,382 @@
+"""The local-disk tier: one file per block, crash safe, its index rebuilt at open.
+
+Layout: ``<dir>/<first two hex digits of the key>/<key hex>.kvb``, 256 fan-out folders made
+at open. A put writes ``.<key hex>.<pid>.<n>.tmp`` in the block's folder, fsyncs it,
+``os.replace``s it into place and fsyncs the folder, so a reader (or a process after a
+crash) sees either no file or the whole block, never a torn one. Temp files left by a crash
+are deleted at open, as is any ``.kvb`` file whose header cannot be parsed (counted in
+``stats().extra``).
+
+Recency survives restarts through file mtimes: every put and every hit stamps the file
+with a strictly increasing nanosecond time (one ``utime`` per hit), and the index is
+rebuilt in mtime order. The tier does not verify checksums (the store does, since
+``verify_on_read`` is True) and knows nothing of other tiers. One process per directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvfactory._types import DIGEST_SIZE, BlockKey
+from kvfactory.errors import BlockFormatError, StoreError
+from kvfactory.store.codec import peek_header
+from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
+from kvfactory.store.tiers.base import Tier, TierStats, TransferCost
+
+DEFAULT_DISK_READ_COST = TransferCost(latency_s=1e-4, bytes_per_s=1.5e9)
+BLOCK_SUFFIX = ".kvb"
+TEMP_SUFFIX = ".tmp"
+_KEY_HEX = 2 * DIGEST_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A block file found when rebuilding the index."""
+
+    key: BlockKey
+    size: int
+    mtime_ns: int
+    chunk_index: int
+    parent: bytes
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A block written to its temp file, waiting to be renamed into place."""
+
+    key: BlockKey
+    temp: Path
+    size: int
+    chunk_index: int
+    parent: bytes
+
+
+class DiskTier(Tier):
+    """Blocks as files under ``directory``, bounded by ``capacity_bytes``."""
+
+    verify_on_read = True
+
+    def __init__(
+        self,
+        directory: Path,
+        capacity_bytes: int,
+        eviction: EvictionPolicy | str = DEFAULT_EVICTION,
+        name: str = "disk",
+        fsync: bool = True,
+        *,
+        read_cost: TransferCost = DEFAULT_DISK_READ_COST,
+    ) -> None:
+        super().__init__()
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.name = name
+        self.directory = Path(directory)
+        self.capacity_bytes = capacity_bytes
+        self.fsync = fsync
+        self._policy = resolve_eviction_policy(eviction)
+        self._read_cost = read_cost
+        self._sizes: dict[BlockKey, int] = {}
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._last_stamp_ns = 0
+        self._temp_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._extra: dict[str, int] = {"unreadable_deleted": 0, "temp_files_deleted": 0}
+        self._open()
+
+    # ----------------------------------------------------------------- open / rebuild
+
+    def _open(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for index in range(256):
+                (self.directory / f"{index:02x}").mkdir(exist_ok=True)
+            self._sync_dir(self.directory)
+            found = self._scan()
+        except OSError as exc:
+            raise StoreError(f"cannot open disk tier at {self.directory}: {exc}") from exc
+        found.sort(key=lambda block: block.mtime_ns)
+        for block in found:
+            self._sizes[block.key] = block.size
+            self._bytes += block.size
+            self._policy.on_insert(block.key, block.size, block.chunk_index, block.parent)
+            self._last_stamp_ns = max(self._last_stamp_ns, block.mtime_ns)
+        over: list[BlockKey] = []
+        self._evict_locked(over)  # a smaller budget than last time: trim now
+
+    def _scan(self) -> list[_Found]:
+        found: list[_Found] = []
+        for folder in sorted(self.directory.iterdir()):
+            if not folder.is_dir() or len(folder.name) != 2:
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    block = self._inspect(folder, entry)
+                    if block is not None:
+                        found.append(block)
+        return found
+
+    def _inspect(self, folder: Path, entry: os.DirEntry[str]) -> _Found | None:
+        name = entry.name
+        if name.endswith(TEMP_SUFFIX):
+            _unlink(Path(entry.path))
+            self._extra["temp_files_deleted"] += 1
+            return None
+        stem = name[: -len(BLOCK_SUFFIX)]
+        if not name.endswith(BLOCK_SUFFIX) or len(stem) != _KEY_HEX or stem[:2] != folder.name:
+            return None
+        try:
+            key = BlockKey(bytes.fromhex(stem))
+            stat = entry.stat()
+            chunk_index, parent = _read_chain_position(Path(entry.path))
+        except (ValueError, OSError, BlockFormatError):
+            _unlink(Path(entry.path))
+            self._extra["unreadable_deleted"] += 1
+            return None
+        return _Found(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent)
+
+    # --------------------------------------------------------------------- reading
+
+    @property
+    def read_cost(self) -> TransferCost:
+        return self._read_cost
+
+    def path_of(self, key: BlockKey) -> Path:
+        digest = key.hex()
+        return self.directory / digest[:2] / f"{digest}{BLOCK_SUFFIX}"
+
+    def contains(self, key: BlockKey) -> bool:
+        return key in self._sizes
+
+    def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
+        sizes = self._sizes
+        return [key in sizes for key in keys]
+
+    def get(self, key: BlockKey) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            size = self._sizes.get(key)
+            if size is None:
+                self._misses += 1
+                return None
+            self._policy.on_access(key)
+            stamp = self._next_stamp()
+        path = self.path_of(key)
+        try:
+            data = _read_file(path, size)
+            os.utime(path, ns=(stamp, stamp))
+        except OSError:
+            data = None  # deleted or evicted by another thread since the index said yes
+        with self._lock:
+            if data is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+        return data
+
+    # --------------------------------------------------------------------- writing
+
+    def put(self, key: BlockKey, data: bytes) -> bool:
+        return self.put_many([(key, data)])[0]
+
+    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
+        pending = [(key, data, peek_header(data)) for key, data in items]
+        with self._lock:
+            self._check_open()
+        staged: list[_Staged | None] = []
+        try:
+            for key, data, header in pending:
+                if len(data) > self.capacity_bytes:
+                    staged.append(None)
+                    continue
+                staged.append(self._write_temp(key, data, header.chunk_index, header.parent))
+        except BaseException:
+            for item in staged:
+                if item is not None:
+                    _unlink(item.temp)
+            raise
+        evicted: list[BlockKey] = []
+        touched: set[Path] = set()
+        with self._lock:
+            installed = 0
+            try:
+                for index, item in enumerate(staged):
+                    if item is not None:
+                        if self._install_locked(item, evicted):
+                            touched.add(item.temp.parent)
+                        else:
+                            staged[index] = None
+                    installed += 1
+            except OSError as exc:
+                for item in staged[installed:]:
+                    if item is not None:
+                        _unlink(item.temp)
+                raise StoreError(
+                    f"disk tier {self.name!r} could not install a block: {exc}"
+                ) from exc
+        for folder in sorted(touched):
+            self._sync_dir(folder)
+        on_evict = self.hooks.on_evict
+        for key in evicted:
+            on_evict(key, self.name)
+        return [item is not None for item in staged]
+
+    def _write_temp(self, key: BlockKey, data: bytes, chunk_index: int, parent: bytes) -> _Staged:
+        with self._lock:
+            stamp = self._next_stamp()
+        final = self.path_of(key)
+        temp = final.with_name(f".{final.stem}.{os.getpid()}.{next(self._temp_ids)}{TEMP_SUFFIX}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.utime(fd, ns=(stamp, stamp))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _unlink(temp)
+            raise StoreError(f"disk tier write of {final.name} failed: {exc}") from exc
+        return _Staged(key, temp, len(data), chunk_index, parent)
+
+    def _install_locked(self, item: _Staged, evicted: list[BlockKey]) -> bool:
+        """Rename a staged block into place unless the policy picks it as its own victim."""
+        if item.key in self._sizes:
+            self._bytes -= self._sizes.pop(item.key)
+            self._policy.on_remove(item.key)
+        self._sizes[item.key] = item.size
+        self._bytes += item.size
+        self._policy.on_insert(item.key, item.size, item.chunk_index, item.parent)
+        # The victims' files go before the newcomer's appears, so the folder never holds
+        # more than the budget; a declined newcomer's temp file is simply dropped.
+        self._evict_locked(evicted, declined=item.key)
+        if item.key not in self._sizes:
+            _unlink(item.temp)
+            _unlink(self.path_of(item.key))  # an older copy of the same key, if any
+            return False
+        os.replace(item.temp, self.path_of(item.key))
+        return True
+
+    def _evict_locked(self, evicted: list[BlockKey], declined: BlockKey | None = None) -> None:
+        is_pinned = self.hooks.is_pinned
+        while self._sizes and self._bytes > self.capacity_bytes:
+            victim = self._policy.choose_victim(is_pinned)
+            if victim == declined and victim is not None:
+                self._bytes -= self._sizes.pop(victim)
+                self._policy.on_remove(victim)
+                return
+            if victim is None or not self._remove_locked(victim):
+                raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
+            self._evictions += 1
+            evicted.append(victim)
+
+    def _remove_locked(self, key: BlockKey) -> bool:
+        size = self._sizes.pop(key, None)
+        if size is None:
+            return False
+        self._bytes -= size
+        self._policy.on_remove(key)
+        _unlink(self.path_of(key))
+        return True
+
+    def delete(self, key: BlockKey) -> bool:
+        with self._lock:
+            self._check_open()
+            return self._remove_locked(key)
+
+    def delete_many(self, keys: Sequence[BlockKey]) -> int:
+        with self._lock:
+            self._check_open()
+            return sum(1 for key in keys if self._remove_locked(key))
+
+    # ------------------------------------------------------------------ the rest
+
+    def keys(self) -> Iterator[BlockKey]:
+        with self._lock:
+            return iter(list(self._sizes))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(
+                name=self.name,
+                blocks=len(self._sizes),
+                bytes=self._bytes,
+                capacity_bytes=self.capacity_bytes,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                extra={**self._extra, "directory": str(self.directory), "fsync": self.fsync},
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._check_open()
+            for key in list(self._sizes):
+                self._remove_locked(key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"disk tier {self.name!r} at {self.directory} is closed")
+
+    def _next_stamp(self) -> int:
+        self._last_stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1)
+        return self._last_stamp_ns
+
+    def _sync_dir(self, folder: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_file(path: Path, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size)
+        if len(data) == size:
+            return data
+        chunks = [data]  # short read (huge files, signals): finish the rest
+        while chunk := os.read(fd, size):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_chain_position(path: Path) -> tuple[int, bytes]:
+    """Chunk index and parent from a block file's header, without reading its payload."""
+    with open(path, "rb") as file:
+        # Not a context manager: a parse error's traceback still holds views of the map,
+        # and closing it then would raise; the map is unmapped when the last view goes.
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    header = peek_header(memoryview(mapped))
+    return header.chunk_index, header.parent
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+__all__ = ["BLOCK_SUFFIX", "DEFAULT_DISK_READ_COST", "TEMP_SUFFIX", "DiskTier"]
