@@ -1,0 +1,700 @@
+"""``ContextStore``: the one entry point to the context memory.
+
+It turns prompts into chained chunk keys, finds the longest cached prefix across the tiers
+(fastest first), applies load-or-recompute, loads and verifies blocks (a corrupt block is a
+miss plus an incident, never wrong output), promotes blocks read from slow tiers, writes new
+blocks synchronously to the first tier and through a bounded write-behind queue to the
+others (subject to admission), explains misses, and holds pins. The store owns its tiers
+and closes them on ``close``.
+
+It knows tiers only through ``Tier``; it never sees tensors, engines or HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
+from kvfactory.errors import BlockCorruptError, StoreError, TierUnavailableError
+from kvfactory.store import keys as keying
+from kvfactory.store.codec import KVBlock, decode_block, encode_block
+from kvfactory.store.cost import CostModel
+from kvfactory.store.explain import (
+    Explanation,
+    MissReason,
+    NamespaceBook,
+    SkipReason,
+    TombstoneBook,
+    explain_tombstone,
+)
+from kvfactory.store.keys import Namespace
+from kvfactory.store.pins import PinRegistry
+from kvfactory.store.policy import AdmissionPolicy, make_admission_policy
+from kvfactory.store.tiers.base import Tier, TierHooks, TierStats
+from kvfactory.store.writer import WriteBehindQueue
+from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
+from kvfactory.telemetry.metrics import Metrics, StoreMetrics
+
+DROP_INCIDENT_INTERVAL_S = 60.0
+CLOSE_FLUSH_TIMEOUT_S = 30.0
+_TIER_FAULTS = (TierUnavailableError, OSError)
+"""Errors that make a tier look empty for one operation instead of failing the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    key: BlockKey
+    chunk_index: int
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    keys: list[BlockKey]
+    """Keys of every full chunk of the prompt."""
+    hits: list[ChunkHit]
+    """The longest contiguous cached prefix that is worth loading."""
+    hit_tokens: int
+    recompute_from: int | None
+    """Chunk index where load-or-recompute refused a hit, else ``None``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    tiers: tuple[TierStats, ...]
+    lookups: int
+    hits: int
+    """Blocks served by ``load``, all tiers."""
+    hits_by_tier: dict[str, int]
+    misses: int
+    """Full chunks looked up that were not in the usable cached prefix."""
+    blocks_put: int
+    queue_drops: int
+    checksum_failures: int
+    recompute_decisions: int
+    admission_skips: int
+    write_errors: int
+    queue_depth: int
+    queue_capacity: int
+    pinned_blocks: int
+    pin_owners: int
+    tombstones: int
+
+
+@dataclass(frozen=True, slots=True)
+class _WriteJob:
+    key: BlockKey
+    data: bytes
+    tiers: tuple[Tier, ...]
+
+
+@dataclass(slots=True)
+class _Counters:
+    lookups: int = 0
+    misses: int = 0
+    blocks_put: int = 0
+    queue_drops: int = 0
+    checksum_failures: int = 0
+    recompute_decisions: int = 0
+    admission_skips: int = 0
+    write_errors: int = 0
+    hits_by_tier: dict[str, int] = field(default_factory=dict)
+
+
+class _RateLimit:
+    """Lets one event of each kind through per interval (incidents, not per-block spam)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self._interval_s:
+                return False
+            self._last[kind] = now
+            return True
+
+
+class ContextStore:
+    """Tiered, verified, explainable KV block storage. Thread safe."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        chunk_tokens: int = 256,
+        admission: AdmissionPolicy | str = "always",
+        cost_model: CostModel | None = None,
+        metrics: StoreMetrics | None = None,
+        incidents: IncidentLog | None = None,
+        write_queue_blocks: int = 256,
+        put_timeout_s: float = 0.05,
+    ) -> None:
+        if not tiers:
+            raise ValueError("a ContextStore needs at least one tier")
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if put_timeout_s < 0:
+            raise ValueError(f"put_timeout_s must be >= 0, got {put_timeout_s}")
+        self._tiers = tuple(tiers)
+        self._rank = {name: i for i, name in enumerate(names)}
+        self._chunk_tokens = chunk_tokens
+        self._admission = (
+            make_admission_policy(admission) if isinstance(admission, str) else admission
+        )
+        self.cost_model = cost_model if cost_model is not None else CostModel()
+        self._metrics = metrics if metrics is not None else Metrics().store
+        self._incidents = incidents if incidents is not None else IncidentLog()
+        self._put_timeout_s = put_timeout_s
+        self._pins = PinRegistry()
+        self._tombstones = TombstoneBook()
+        self._namespaces = NamespaceBook()
+        self._counters = _Counters()
+        self._counters_lock = threading.Lock()
+        self._incident_limit = _RateLimit(DROP_INCIDENT_INTERVAL_S)
+        self._block_nbytes = 0
+        self._closed = False
+        hooks = TierHooks(is_pinned=self._pins.is_pinned, on_evict=self._on_evict)
+        for tier in self._tiers:
+            tier.attach(hooks)
+        self._writer: WriteBehindQueue[_WriteJob] = WriteBehindQueue(
+            self._write_job, capacity=write_queue_blocks, on_error=self._write_failed
+        )
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self._chunk_tokens
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return self._tiers
+
+    @property
+    def incidents(self) -> IncidentLog:
+        return self._incidents
+
+    @property
+    def metrics(self) -> StoreMetrics:
+        return self._metrics
+
+    # -- keys and lookup ----------------------------------------------------------------
+
+    def chunk_keys(self, tokens: TokenIds, namespace: Namespace) -> list[BlockKey]:
+        if namespace.chunk_tokens != self._chunk_tokens:
+            raise ValueError(
+                f"namespace fingerprint says chunk_tokens={namespace.chunk_tokens}, "
+                f"this store uses {self._chunk_tokens}"
+            )
+        self._namespaces.seen(namespace.id, namespace.tenant, namespace.fingerprint)
+        return keying.chunk_keys(tokens, namespace)
+
+    def lookup(self, tokens: TokenIds, namespace: Namespace) -> LookupResult:
+        self._check_open()
+        keys = self.chunk_keys(tokens, namespace)
+        located = self._locate(keys)
+        hits, refused_at = self._usable_prefix(keys, located)
+        with self._counters_lock:
+            self._counters.lookups += 1
+            self._counters.misses += len(keys) - len(hits)
+            if refused_at is not None:
+                self._counters.recompute_decisions += 1
+        if len(keys) > len(hits):
+            self._metrics.misses.inc(len(keys) - len(hits))
+        recompute_from = None
+        if refused_at is not None:
+            recompute_from = refused_at
+            tier_index = located[refused_at]
+            assert tier_index is not None
+            self._metrics.recompute_decisions.labels(self._tiers[tier_index].name).inc()
+        return LookupResult(
+            keys=keys,
+            hits=hits,
+            hit_tokens=len(hits) * self._chunk_tokens,
+            recompute_from=recompute_from,
+        )
+
+    def contains(self, key: BlockKey) -> bool:
+        self._check_open()
+        return any(self._probe(tier, [key])[0] for tier in self._tiers)
+
+    def _probe(self, tier: Tier, keys: list[BlockKey]) -> list[bool]:
+        try:
+            return tier.contains_many(keys)
+        except _TIER_FAULTS:
+            return [False] * len(keys)
+
+    def _locate(self, keys: list[BlockKey]) -> list[int | None]:
+        """Index of the fastest tier holding each key; one batched probe per tier."""
+        located: list[int | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for tier_index, tier in enumerate(self._tiers):
+            if not missing:
+                break
+            present = self._probe(tier, [keys[i] for i in missing])
+            still_missing = []
+            for chunk, found in zip(missing, present, strict=True):
+                if found:
+                    located[chunk] = tier_index
+                else:
+                    still_missing.append(chunk)
+            missing = still_missing
+        return located
+
+    def _refuses(self, tier: Tier) -> bool:
+        """Load-or-recompute: would recomputing a chunk beat reading it from ``tier``?"""
+        return not self.cost_model.prefer_load(
+            tier.read_cost, self._typical_block_nbytes(), self._chunk_tokens
+        )
+
+    def _usable_prefix(
+        self, keys: list[BlockKey], located: list[int | None]
+    ) -> tuple[list[ChunkHit], int | None]:
+        hits: list[ChunkHit] = []
+        refusals: dict[int, bool] = {}
+        for chunk, tier_index in enumerate(located):
+            if tier_index is None:
+                return hits, None
+            refused = refusals.get(tier_index)
+            if refused is None:
+                refused = refusals[tier_index] = self._refuses(self._tiers[tier_index])
+            if refused:
+                return hits, chunk
+            hits.append(ChunkHit(keys[chunk], chunk, self._tiers[tier_index].name))
+        return hits, None
+
+    def _typical_block_nbytes(self) -> int:
+        if self._block_nbytes:
+            return self._block_nbytes
+        for tier in self._tiers:  # a restarted store learns block size from what tiers hold
+            try:
+                stats = tier.stats()
+            except _TIER_FAULTS:
+                continue
+            if stats.blocks:
+                self._block_nbytes = stats.bytes // stats.blocks
+                break
+        return self._block_nbytes
+
+    # -- load ---------------------------------------------------------------------------
+
+    def load(self, hits: LookupResult | Sequence[BlockKey]) -> list[KVBlock]:
+        """Blocks of the hit prefix, in order; stops before the first one that cannot be
+        read and verified from any tier."""
+        self._check_open()
+        if isinstance(hits, LookupResult):
+            plan = [(hit.key, hit.chunk_index, self._rank.get(hit.tier)) for hit in hits.hits]
+        else:
+            plan = [(key, position, None) for position, key in enumerate(hits)]
+        prefetched = self._prefetch(plan)
+        blocks: list[KVBlock] = []
+        for position, (key, chunk_index, tier_index) in enumerate(plan):
+            found = None
+            data = prefetched.get(position)
+            if data is not None and tier_index is not None:
+                block = self._decode(key, data, tier_index, chunk_index)
+                if block is not None:
+                    found = (block, data, tier_index)
+            if found is None:
+                found = self._fetch_anywhere(key, chunk_index, skip=tier_index)
+            if found is None:
+                break
+            block, data, tier_index = found
+            self._served(key, data, tier_index)
+            blocks.append(block)
+        return blocks
+
+    def get(self, key: BlockKey) -> KVBlock | None:
+        blocks = self.load([key])
+        return blocks[0] if blocks else None
+
+    def _prefetch(self, plan: list[tuple[BlockKey, int, int | None]]) -> dict[int, bytes]:
+        """One batched read per tier for the planned hits."""
+        by_tier: dict[int, list[int]] = {}
+        for position, (_key, _chunk, tier_index) in enumerate(plan):
+            if tier_index is not None:
+                by_tier.setdefault(tier_index, []).append(position)
+        fetched: dict[int, bytes] = {}
+        for tier_index, positions in by_tier.items():
+            try:
+                values = self._tiers[tier_index].get_many([plan[p][0] for p in positions])
+            except _TIER_FAULTS:
+                continue
+            for position, value in zip(positions, values, strict=True):
+                if value is not None:
+                    fetched[position] = value
+        return fetched
+
+    def _fetch_anywhere(
+        self, key: BlockKey, chunk_index: int, skip: int | None
+    ) -> tuple[KVBlock, bytes, int] | None:
+        for tier_index, tier in enumerate(self._tiers):
+            if tier_index == skip:
+                continue
+            try:
+                data = tier.get(key)
+            except _TIER_FAULTS:
+                continue
+            if data is None:
+                continue
+            block = self._decode(key, data, tier_index, chunk_index)
+            if block is not None:
+                return block, data, tier_index
+        return None
+
+    def _decode(self, key: BlockKey, data: bytes, tier_index: int, chunk: int) -> KVBlock | None:
+        tier = self._tiers[tier_index]
+        try:
+            return decode_block(data, verify=tier.verify_on_read, expected_key=key)
+        except BlockCorruptError as error:
+            self._corrupt(key, tier, chunk, error)
+            return None
+
+    def _corrupt(self, key: BlockKey, tier: Tier, chunk: int, error: BlockCorruptError) -> None:
+        with contextlib.suppress(*_TIER_FAULTS):  # a failed delete is re-caught next read
+            tier.delete(key)
+        self._tombstones.corrupt(key, tier.name)
+        with self._counters_lock:
+            self._counters.checksum_failures += 1
+        self._metrics.checksum_failures.labels(tier.name).inc()
+        self._incidents.record(
+            Incident(
+                kind=IncidentKind.CHECKSUM_FAILURE,
+                message=f"block failed verification on tier {tier.name!r}; served as a miss",
+                details={
+                    "tier": tier.name,
+                    "key": key.hex(),
+                    "chunk_index": chunk,
+                    "error": str(error),
+                },
+            )
+        )
+
+    def _served(self, key: BlockKey, data: bytes, tier_index: int) -> None:
+        tier = self._tiers[tier_index]
+        with self._counters_lock:
+            by_tier = self._counters.hits_by_tier
+            by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
+        self._metrics.hits.labels(tier.name).inc()
+        self._metrics.bytes_read.labels(tier.name).inc(len(data))
+        if tier_index > 0:
+            self._promote(key, data, tier_index)
+        skips = self._tombstones.pending_skips(key)
+        if skips:  # a reused block earns another chance at the tiers that skipped it
+            self._offer(key, data, skips)
+
+    def _promote(self, key: BlockKey, data: bytes, source: int) -> None:
+        """Copy a block read from a slow tier into every faster one (the first synchronously)."""
+        self._store_in(self._tiers[0], key, data)
+        between = self._tiers[1:source]
+        if between:
+            self._enqueue(_WriteJob(key, data, between))
+
+    # -- put ----------------------------------------------------------------------------
+
+    def put(self, block: KVBlock) -> None:
+        """Store ``block`` under ``block.header.key`` (its namespace comes from the header)."""
+        self._check_open()
+        header = block.header
+        if len(header.key) != DIGEST_SIZE or len(header.namespace) != DIGEST_SIZE:
+            raise ValueError("block key and namespace must be 32-byte digests")
+        if header.num_tokens != self._chunk_tokens:
+            raise ValueError(
+                f"block {header.key.hex()[:16]} holds {header.num_tokens} tokens; "
+                f"this store's chunks hold {self._chunk_tokens}"
+            )
+        key = header.key
+        self._namespaces.seen(header.namespace)
+        first = self._tiers[0]
+        if self._probe(first, [key])[0]:
+            skips = self._tombstones.pending_skips(key)
+            if skips:
+                self._offer(key, encode_block(block), skips)
+            return
+        data = encode_block(block)
+        self._block_nbytes = len(data)
+        with self._counters_lock:
+            self._counters.blocks_put += 1
+        self._store_in(first, key, data)
+        self._offer(key, data, dict.fromkeys((tier.name for tier in self._tiers[1:]), None))
+
+    def put_many(self, blocks: Iterable[KVBlock]) -> None:
+        for block in blocks:
+            self.put(block)
+
+    def _store_in(self, tier: Tier, key: BlockKey, data: bytes) -> bool:
+        try:
+            if tier.contains(key):
+                return True
+            stored = tier.put(key, data)
+        except _TIER_FAULTS:
+            return False
+        if stored:
+            self._metrics.bytes_written.labels(tier.name).inc(len(data))
+            self._tombstones.stored(key, tier.name)
+        return stored
+
+    def _offer(self, key: BlockKey, data: bytes, tiers: Mapping[str, SkipReason | None]) -> None:
+        """Queue writes to the lower tiers named in ``tiers`` that admission lets through.
+
+        Tiers that skipped the block for a reason other than admission were admitted
+        before, so they are retried without asking again.
+        """
+        admitted: list[Tier] = []
+        for tier in self._tiers[1:]:
+            if tier.name not in tiers:
+                continue
+            earlier = tiers[tier.name]
+            if earlier not in (None, SkipReason.ADMISSION) or self._admission.admit(key, tier.name):
+                admitted.append(tier)
+            else:
+                self._tombstones.skipped(key, tier.name, SkipReason.ADMISSION)
+                with self._counters_lock:
+                    self._counters.admission_skips += 1
+        if admitted:
+            self._enqueue(_WriteJob(key, data, tuple(admitted)))
+
+    def _enqueue(self, job: _WriteJob) -> None:
+        if self._writer.submit(job, self._put_timeout_s):
+            return
+        for tier in job.tiers:
+            self._tombstones.skipped(job.key, tier.name, SkipReason.QUEUE_FULL)
+        with self._counters_lock:
+            self._counters.queue_drops += 1
+        self._metrics.queue_drops.inc()
+        if self._incident_limit.allow(IncidentKind.WRITE_DROPPED):
+            self._incidents.record(
+                Incident(
+                    kind=IncidentKind.WRITE_DROPPED,
+                    message=(
+                        "write queue full: lower-tier writes are being dropped "
+                        f"(capacity {self._writer.capacity} blocks); reported once a minute"
+                    ),
+                    details={
+                        "key": job.key.hex(),
+                        "tiers": [tier.name for tier in job.tiers],
+                        "capacity": self._writer.capacity,
+                    },
+                )
+            )
+
+    def _write_job(self, job: _WriteJob) -> None:
+        for tier in job.tiers:
+            try:
+                self._store_in_or_raise(tier, job.key, job.data)
+            except Exception as error:
+                self._write_failed(_WriteJob(job.key, job.data, (tier,)), error)
+
+    def _store_in_or_raise(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+        if tier.contains(key):
+            self._tombstones.stored(key, tier.name)
+            return
+        if tier.put(key, data):
+            self._metrics.bytes_written.labels(tier.name).inc(len(data))
+            self._tombstones.stored(key, tier.name)
+
+    def _write_failed(self, job: _WriteJob, error: Exception) -> None:
+        for tier in job.tiers:
+            self._tombstones.skipped(job.key, tier.name, SkipReason.TIER_ERROR)
+        with self._counters_lock:
+            self._counters.write_errors += 1
+        if self._incident_limit.allow("write_error"):
+            self._incidents.record(
+                Incident(
+                    kind=IncidentKind.WRITE_DROPPED,
+                    message=f"lower-tier write failed: {error}; reported once a minute",
+                    details={"key": job.key.hex(), "tiers": [t.name for t in job.tiers]},
+                )
+            )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued lower-tier writes are done; ``False`` if ``timeout`` ran out."""
+        return self._writer.flush(timeout)
+
+    # -- explain ------------------------------------------------------------------------
+
+    def explain(self, tokens: TokenIds, namespace: Namespace) -> Explanation:
+        """Why the cached prefix of ``tokens`` ends where it does (counts nothing)."""
+        self._check_open()
+        keys = self.chunk_keys(tokens, namespace)
+        located = self._locate(keys)
+        hits, refused_at = self._usable_prefix(keys, located)
+        hit_tokens = len(hits) * self._chunk_tokens
+
+        def answer(
+            reason: MissReason, chunk: int | None, tier: str | None, detail: str
+        ) -> Explanation:
+            return Explanation(hit_tokens, len(keys), chunk, reason, tier, detail)
+
+        if refused_at is not None:
+            tier_index = located[refused_at]
+            assert tier_index is not None
+            tier = self._tiers[tier_index]
+            nbytes = self._typical_block_nbytes()
+            return answer(
+                MissReason.POLICY,
+                refused_at,
+                tier.name,
+                f"chunk {refused_at} is on {tier.name!r}, but reading ~{nbytes} bytes takes "
+                f"{tier.read_cost.seconds(nbytes) * 1e3:.3f} ms while recomputing "
+                f"{self._chunk_tokens} tokens takes "
+                f"{self.cost_model.recompute_seconds(self._chunk_tokens) * 1e3:.3f} ms",
+            )
+        first_missing = len(hits)
+        if first_missing == len(keys):
+            trailing = len(tokens) - len(keys) * self._chunk_tokens
+            if trailing:
+                return answer(
+                    MissReason.PARTIAL_CHUNK,
+                    len(keys),
+                    None,
+                    f"the last {trailing} tokens do not fill a chunk of {self._chunk_tokens} "
+                    "and partial chunks are never cached",
+                )
+            return answer(MissReason.HIT, None, None, f"all {len(keys)} chunks are cached")
+        from_tombstone = explain_tombstone(
+            self._tombstones.get(keys[first_missing]), [t.name for t in self._tiers]
+        )
+        if from_tombstone is not None:
+            reason, tier_name, detail = from_tombstone
+            return answer(reason, first_missing, tier_name, f"chunk {first_missing}: {detail}")
+        elsewhere = self._find_in_other_namespace(tokens, namespace, first_missing)
+        if elsewhere is not None:
+            tier_name, whom = elsewhere
+            return answer(
+                MissReason.OTHER_NAMESPACE,
+                first_missing,
+                tier_name,
+                f"chunk {first_missing} of these tokens is cached under {whom}, "
+                "which this namespace cannot use",
+            )
+        return answer(
+            MissReason.NEVER_STORED,
+            first_missing,
+            None,
+            f"chunk {first_missing} was never stored here (or was forgotten long ago)",
+        )
+
+    def _find_in_other_namespace(
+        self, tokens: TokenIds, namespace: Namespace, chunk: int
+    ) -> tuple[str, str] | None:
+        others = self._namespaces.others(namespace.id)
+        if not others:
+            return None
+        prefix = tokens[: (chunk + 1) * self._chunk_tokens]
+        candidates = [
+            keying.chunk_keys(prefix, info.id, self._chunk_tokens)[chunk] for info in others
+        ]
+        for tier in self._tiers:
+            for info, found in zip(others, self._probe(tier, candidates), strict=True):
+                if found:
+                    return tier.name, info.describe(namespace.fingerprint)
+        return None
+
+    def _on_evict(self, key: BlockKey, tier: str) -> None:
+        self._tombstones.evicted(key, tier)
+        self._metrics.evictions.labels(tier).inc()
+
+    # -- pins ---------------------------------------------------------------------------
+
+    def pin(self, keys: Iterable[BlockKey], owner: str) -> None:
+        self._pins.pin(keys, owner)
+
+    def unpin(self, owner: str, keys: Iterable[BlockKey] | None = None) -> None:
+        self._pins.unpin(owner, keys)
+
+    def is_pinned(self, key: BlockKey) -> bool:
+        return self._pins.is_pinned(key)
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        tier_stats = tuple(tier.stats() for tier in self._tiers)
+        for stats in tier_stats:
+            self._metrics.tier_bytes.labels(stats.name).set(stats.bytes)
+            self._metrics.tier_blocks.labels(stats.name).set(stats.blocks)
+        with self._counters_lock:
+            counters = self._counters
+            hits_by_tier = dict(counters.hits_by_tier)
+            snapshot = (
+                counters.lookups,
+                counters.misses,
+                counters.blocks_put,
+                counters.queue_drops,
+                counters.checksum_failures,
+                counters.recompute_decisions,
+                counters.admission_skips,
+                counters.write_errors,
+            )
+        lookups, misses, puts, drops, corrupt, recompute, skips, errors = snapshot
+        return StoreStats(
+            tiers=tier_stats,
+            lookups=lookups,
+            hits=sum(hits_by_tier.values()),
+            hits_by_tier=hits_by_tier,
+            misses=misses,
+            blocks_put=puts,
+            queue_drops=drops,
+            checksum_failures=corrupt,
+            recompute_decisions=recompute,
+            admission_skips=skips,
+            write_errors=errors,
+            queue_depth=self._writer.depth,
+            queue_capacity=self._writer.capacity,
+            pinned_blocks=self._pins.pinned_keys,
+            pin_owners=len(self._pins.owners()),
+            tombstones=len(self._tombstones),
+        )
+
+    def clear(self) -> None:
+        """Drop every block from every tier, and queued writes with them; pins stay."""
+        self._check_open()
+        with self._writer.paused():
+            self._writer.discard()
+            for tier in self._tiers:
+                tier.clear()
+            self._tombstones.clear()
+
+    def close(self) -> None:
+        """Flush queued writes (bounded wait), stop the writer, close the tiers."""
+        if self._closed:
+            return
+        abandoned = self._writer.close(CLOSE_FLUSH_TIMEOUT_S)
+        self._closed = True
+        if abandoned:
+            with self._counters_lock:
+                self._counters.queue_drops += len(abandoned)
+            self._metrics.queue_drops.inc(len(abandoned))
+        for tier in self._tiers:
+            tier.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the context store is closed")
+
+    def __enter__(self) -> ContextStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = ["ChunkHit", "ContextStore", "LookupResult", "StoreStats"]

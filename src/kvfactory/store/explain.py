@@ -1,0 +1,283 @@
+"""Why a prefix missed: miss reasons, explanations and the bounded books behind them.
+
+``TombstoneBook`` remembers, per block key, what happened to a block that is no longer where
+a reader would look: the tiers that evicted it, the tiers where it failed its checksum, and
+the lower tiers that skipped writing it (admission refused, write queue full, tier error).
+``NamespaceBook`` remembers the namespaces a store has seen, so an explanation can tell that
+the same tokens are cached under another tenant or model. Both are bounded (oldest entries
+go first) and thread safe; their locks are leaves, so tier hooks may call them while holding
+a tier's lock.
+
+This module decides nothing and probes no tier: ``ContextStore`` feeds the books and turns
+their records into an ``Explanation``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from kvfactory._types import BlockKey, ModelFingerprint, NamespaceId
+
+DEFAULT_TOMBSTONES = 100_000
+DEFAULT_NAMESPACES = 256
+
+
+class MissReason(StrEnum):
+    """Why the cached prefix of a prompt ends where it does."""
+
+    HIT = "hit"
+    """Every chunk is cached; nothing is missing."""
+    PARTIAL_CHUNK = "partial_chunk"
+    """Only a trailing partial chunk is uncached; partial chunks are never cached."""
+    NEVER_STORED = "never_stored"
+    """No tier ever held the first missing chunk, as far as this store remembers."""
+    EVICTED = "evicted"
+    """The chunk was stored and later evicted (``Explanation.tier`` says from where)."""
+    OTHER_NAMESPACE = "other_namespace"
+    """The same tokens are cached under another namespace (other tenant or model)."""
+    CHECKSUM_FAILURE = "checksum_failure"
+    """The chunk failed verification on read and was dropped."""
+    POLICY = "policy"
+    """The chunk is cached, but load-or-recompute judged recomputing cheaper."""
+    ADMISSION = "admission"
+    """Evicted from faster tiers after a slower tier's admission policy skipped it."""
+    WRITE_DROPPED = "write_dropped"
+    """Evicted from faster tiers after its write to a slower tier was dropped or failed."""
+
+
+class SkipReason(StrEnum):
+    """Why a lower tier does not hold a block that was put."""
+
+    ADMISSION = "admission"
+    QUEUE_FULL = "queue_full"
+    TIER_ERROR = "tier_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """The answer to "why did this prompt not hit (further)?"."""
+
+    hit_tokens: int
+    total_chunks: int
+    first_missing_chunk: int | None
+    reason: MissReason
+    tier: str | None
+    detail: str
+
+
+@dataclass(slots=True)
+class Tombstone:
+    """What the store remembers about one block key. Mutated only under the book's lock."""
+
+    evicted_from: list[str] = field(default_factory=list)
+    corrupt_in: list[str] = field(default_factory=list)
+    skipped: dict[str, SkipReason] = field(default_factory=dict)
+
+    def copy(self) -> Tombstone:
+        return Tombstone(list(self.evicted_from), list(self.corrupt_in), dict(self.skipped))
+
+    def empty(self) -> bool:
+        return not (self.evicted_from or self.corrupt_in or self.skipped)
+
+
+class TombstoneBook:
+    """Bounded per-key records of evictions, corruption and skipped lower-tier writes."""
+
+    def __init__(self, capacity: int = DEFAULT_TOMBSTONES) -> None:
+        if capacity < 1:
+            raise ValueError(f"tombstone capacity must be positive, got {capacity}")
+        self._capacity = capacity
+        self._records: OrderedDict[BlockKey, Tombstone] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _record(self, key: BlockKey) -> Tombstone:
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = Tombstone()
+            if len(self._records) > self._capacity:
+                self._records.popitem(last=False)
+        else:
+            self._records.move_to_end(key)
+        return record
+
+    def evicted(self, key: BlockKey, tier: str) -> None:
+        with self._lock:
+            record = self._record(key)
+            if tier not in record.evicted_from:
+                record.evicted_from.append(tier)
+
+    def corrupt(self, key: BlockKey, tier: str) -> None:
+        with self._lock:
+            record = self._record(key)
+            if tier not in record.corrupt_in:
+                record.corrupt_in.append(tier)
+
+    def skipped(self, key: BlockKey, tier: str, reason: SkipReason) -> None:
+        with self._lock:
+            self._record(key).skipped[tier] = reason
+
+    def stored(self, key: BlockKey, tier: str) -> None:
+        """``tier`` now holds ``key``: forget what made it absent there."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:
+                return
+            if tier in record.evicted_from:
+                record.evicted_from.remove(tier)
+            if tier in record.corrupt_in:
+                record.corrupt_in.remove(tier)
+            record.skipped.pop(tier, None)
+            if record.empty():
+                del self._records[key]
+
+    def pending_skips(self, key: BlockKey) -> dict[str, SkipReason]:
+        """Lower tiers that skipped ``key`` (fast path: usually empty)."""
+        with self._lock:
+            record = self._records.get(key)
+            return dict(record.skipped) if record is not None and record.skipped else {}
+
+    def get(self, key: BlockKey) -> Tombstone | None:
+        with self._lock:
+            record = self._records.get(key)
+            return record.copy() if record is not None else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """What is known about a namespace id: a tenant label and a model fingerprint, if seen."""
+
+    id: NamespaceId
+    tenant: str | None = None
+    fingerprint: ModelFingerprint | None = None
+
+    def describe(self, relative_to: ModelFingerprint | None = None) -> str:
+        if self.fingerprint is not None and relative_to is not None:
+            if self.fingerprint != relative_to:
+                fp = self.fingerprint
+                return (
+                    f"another model (weights {fp.weights_digest}, kv layout {fp.kv_layout}, "
+                    f"dtype {fp.dtype})" + (f", tenant '{self.tenant}'" if self.tenant else "")
+                )
+            if self.tenant is not None:
+                return f"tenant '{self.tenant}'"
+        if self.tenant is not None:
+            return f"tenant '{self.tenant}'"
+        return f"namespace {self.id.hex()[:16]}"
+
+
+class NamespaceBook:
+    """Bounded memory of namespace ids seen by a store; most recent first out of the cap."""
+
+    def __init__(self, capacity: int = DEFAULT_NAMESPACES) -> None:
+        if capacity < 1:
+            raise ValueError(f"namespace capacity must be positive, got {capacity}")
+        self._capacity = capacity
+        self._infos: OrderedDict[NamespaceId, NamespaceInfo] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(
+        self,
+        namespace_id: NamespaceId,
+        tenant: str | None = None,
+        fingerprint: ModelFingerprint | None = None,
+    ) -> None:
+        with self._lock:
+            known = self._infos.get(namespace_id)
+            if known is None:
+                self._infos[namespace_id] = NamespaceInfo(namespace_id, tenant, fingerprint)
+                if len(self._infos) > self._capacity:
+                    self._infos.popitem(last=False)
+                return
+            if (tenant is not None and known.tenant != tenant) or (
+                fingerprint is not None and known.fingerprint != fingerprint
+            ):
+                self._infos[namespace_id] = NamespaceInfo(
+                    namespace_id,
+                    tenant if tenant is not None else known.tenant,
+                    fingerprint if fingerprint is not None else known.fingerprint,
+                )
+            self._infos.move_to_end(namespace_id)
+
+    def others(self, namespace_id: NamespaceId) -> list[NamespaceInfo]:
+        """Every remembered namespace but ``namespace_id``, most recently seen first."""
+        with self._lock:
+            return [info for nid, info in reversed(self._infos.items()) if nid != namespace_id]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._infos.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._infos)
+
+
+def explain_tombstone(
+    record: Tombstone | None, tier_order: list[str]
+) -> tuple[MissReason, str | None, str] | None:
+    """Reason, tier and detail for a chunk found in no tier, from what its tombstone says.
+
+    ``None`` when the record says nothing (the caller then looks at other namespaces).
+    Corruption wins; then a lower tier that skipped the block explains why no slower copy
+    survived an eviction; then the eviction itself.
+    """
+    if record is None or record.empty():
+        return None
+    rank = {name: i for i, name in enumerate(tier_order)}
+    if record.corrupt_in:
+        tier = record.corrupt_in[-1]
+        return (
+            MissReason.CHECKSUM_FAILURE,
+            tier,
+            (f"the block failed verification on tier {tier!r} and was dropped"),
+        )
+    skipped = sorted(
+        (
+            (tier, why)
+            for tier, why in record.skipped.items()
+            if tier not in record.evicted_from and tier in rank
+        ),
+        key=lambda item: rank[item[0]],
+    )
+    evicted = sorted(record.evicted_from, key=lambda name: rank.get(name, len(rank)))
+    where = f"evicted from {', '.join(evicted)}; " if evicted else "not kept by the first tier; "
+    if skipped:
+        tier, why = skipped[0]
+        if why is SkipReason.ADMISSION:
+            return (
+                MissReason.ADMISSION,
+                tier,
+                (where + f"tier {tier!r} skipped it (admission policy: not reused enough yet)"),
+            )
+        cause = "write queue was full" if why is SkipReason.QUEUE_FULL else "tier failed"
+        return (
+            MissReason.WRITE_DROPPED,
+            tier,
+            where + f"its write to {tier!r} was dropped ({cause})",
+        )
+    if evicted:
+        return MissReason.EVICTED, evicted[-1], f"evicted from {', '.join(evicted)}"
+    return None
+
+
+__all__ = [
+    "Explanation",
+    "MissReason",
+    "NamespaceBook",
+    "NamespaceInfo",
+    "SkipReason",
+    "Tombstone",
+    "TombstoneBook",
+    "explain_tombstone",
+]
