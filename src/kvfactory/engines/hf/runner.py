@@ -1,0 +1,107 @@
+"""Loading a causal LM and running forwards over a ``DynamicCache``.
+
+``ModelRunner`` owns the model, device and compute dtype and offers exactly two operations:
+a new empty cache and "feed these tokens, return the next-token logits". Everything runs on
+the calling thread (the scheduler's). This module knows nothing about requests, sampling or
+the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from kvfactory.engines.hf.runtime import dtype_name, import_transformers
+from kvfactory.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+"""End-of-turn markers that end generation when the vocabulary has them."""
+
+
+def load_tokenizer_from(model_dir: Path) -> Any:
+    transformers = import_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {exc}") from exc
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in EXTRA_EOS_TOKENS if token in vocab)
+    return frozenset(ids)
+
+
+class ModelRunner:
+    """A loaded causal LM in inference mode on one device."""
+
+    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.config = model.config
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        console: Console | None = None,
+    ) -> ModelRunner:
+        transformers = import_transformers()
+        console = console or Console(stderr=True)
+        with console.status(f"Loading {model_dir.name} ({dtype_name(dtype)} on {device})"):
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=dtype, local_files_only=True
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load model from {model_dir}: {exc}") from exc
+            model.to(device)
+            model.eval()
+        log.info("loaded model %s (%s on %s)", model_dir, dtype_name(dtype), device)
+        return cls(model, device, dtype)
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def forward(self, cache: Any, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append ``token_ids`` to ``cache``; return the logits after the last one."""
+        inputs = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+        logits: torch.Tensor = output.logits[0, -1]
+        return logits
+
+
+__all__ = ["EXTRA_EOS_TOKENS", "ModelRunner", "eos_token_ids", "load_tokenizer_from"]
