@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
-from kvfactory.errors import BlockCorruptError, StoreError, TierUnavailableError
+from kvfactory.errors import BlockCorruptError, StoreError
 from kvfactory.store import keys as keying
 from kvfactory.store.codec import KVBlock, decode_block, encode_block
 from kvfactory.store.cost import CostModel
@@ -42,8 +42,9 @@ from kvfactory.telemetry.metrics import Metrics, StoreMetrics
 
 DROP_INCIDENT_INTERVAL_S = 60.0
 CLOSE_FLUSH_TIMEOUT_S = 30.0
-_TIER_FAULTS = (TierUnavailableError, OSError)
-"""Errors that make a tier look empty for one operation instead of failing the request."""
+_TIER_FAULTS = (StoreError, OSError)
+"""Errors that make a tier look empty (or refuse a write) for one operation instead of
+failing the request: a tier that is down, closed, or cannot write right now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,17 +436,12 @@ class ContextStore:
         for block in blocks:
             self.put(block)
 
-    def _store_in(self, tier: Tier, key: BlockKey, data: bytes) -> bool:
+    def _store_in(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+        """Synchronous write (first tier, promotion); a failing tier costs a miss later."""
         try:
-            if tier.contains(key):
-                return True
-            stored = tier.put(key, data)
-        except _TIER_FAULTS:
-            return False
-        if stored:
-            self._metrics.bytes_written.labels(tier.name).inc(len(data))
-            self._tombstones.stored(key, tier.name)
-        return stored
+            self._store_in_or_raise(tier, key, data)
+        except _TIER_FAULTS as error:
+            self._write_failed(_WriteJob(key, data, (tier,)), error)
 
     def _offer(self, key: BlockKey, data: bytes, tiers: Mapping[str, SkipReason | None]) -> None:
         """Queue writes to the lower tiers named in ``tiers`` that admission lets through.

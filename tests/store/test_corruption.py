@@ -1,0 +1,82 @@
+"""Damaged block files on disk become misses plus an incident, never wrong output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kvfactory.store import ContextStore, DiskTier, KVBlock, MemoryTier, MissReason, Namespace
+from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+from kvfactory.telemetry.metrics import Metrics
+
+MakeBlocks = Callable[..., list[KVBlock]]
+
+
+def local_store(directory: Path, **options: object) -> ContextStore:
+    tiers = [MemoryTier(1 << 20), DiskTier(directory, 1 << 24)]
+    return ContextStore(tiers, chunk_tokens=16, **options)  # type: ignore[arg-type]
+
+
+def flip_payload_byte(disk_dir: Path, block: KVBlock) -> Path:
+    digest = block.key.hex()
+    path = disk_dir / digest[:2] / f"{digest}.kvb"
+    data = bytearray(path.read_bytes())
+    data[len(data) - 16 - 5] ^= 0x40  # inside the payload, so the header still parses
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_corrupt_block_ends_the_prefix_and_is_reported(
+    tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    tokens = list(range(5 * 16))
+    blocks = make_blocks(tokens, namespace)
+    with local_store(tmp_path) as writer:
+        writer.put_many(blocks)
+    damaged = flip_payload_byte(tmp_path, blocks[2])
+
+    metrics, incidents = Metrics(), IncidentLog()
+    with local_store(tmp_path, metrics=metrics.store, incidents=incidents) as store:
+        result = store.lookup(tokens, namespace)
+        assert len(result.hits) == 5  # the index still lists it; only reading tells
+        loaded = store.load(result)
+
+        assert [b.key for b in loaded] == [b.key for b in blocks[:2]]
+        assert [bytes(b.payload) for b in loaded] == [bytes(b.payload) for b in blocks[:2]]
+        assert not damaged.exists()
+        assert not store.contains(blocks[2].key)
+        value = metrics.registry.get_sample_value(
+            "kvfactory_store_checksum_failures_total", {"tier": "disk"}
+        )
+        assert value == 1.0 and store.stats().checksum_failures == 1
+        [incident] = incidents.recent(kind=IncidentKind.CHECKSUM_FAILURE)
+        assert incident.details["tier"] == "disk"
+        assert incident.details["key"] == blocks[2].key.hex()
+        assert incident.details["chunk_index"] == 2
+
+        explanation = store.explain(tokens, namespace)
+        assert explanation.reason is MissReason.CHECKSUM_FAILURE
+        assert (explanation.first_missing_chunk, explanation.tier) == (2, "disk")
+        assert explanation.hit_tokens == 32
+
+        # Recomputing and storing the block again heals the prefix.
+        store.put(blocks[2])
+        assert len(store.load(store.lookup(tokens, namespace))) == 5
+        assert len(incidents) == 1
+
+
+def test_a_block_under_the_wrong_key_is_corrupt(
+    tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    tokens = list(range(2 * 16))
+    blocks = make_blocks(tokens, namespace)
+    with local_store(tmp_path) as writer:
+        writer.put_many(blocks)
+    first, second = (tmp_path / b.key.hex()[:2] / f"{b.key.hex()}.kvb" for b in blocks)
+    second.write_bytes(first.read_bytes())  # a valid block, filed under another key
+
+    incidents = IncidentLog()
+    with local_store(tmp_path, incidents=incidents) as store:
+        loaded = store.load(store.lookup(tokens, namespace))
+        assert [b.key for b in loaded] == [blocks[0].key]
+        assert len(incidents.recent(kind=IncidentKind.CHECKSUM_FAILURE)) == 1
