@@ -180,12 +180,6 @@ class Gateway:
                 bad = next((t for t in prompt if t < 0), None)
                 if bad is not None:
                     raise InvalidRequestError(f"token ids must be >= 0, got {bad}", param="prompt")
-                vocab = getattr(engine, "vocab_size", None)
-                if isinstance(vocab, int) and (too_big := max(prompt)) >= vocab:
-                    raise InvalidRequestError(
-                        f"token id {too_big} is outside the vocabulary (size {vocab})",
-                        param="prompt",
-                    )
                 tokens = prompt
         if not tokens:
             raise invalid_request("The prompt is empty.", param="prompt")

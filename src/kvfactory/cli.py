@@ -1,0 +1,566 @@
+"""The ``kvfactory`` command line: thin Typer commands that wire the layers together.
+
+``serve`` builds metrics, the incident log, the context store, the embedded engine and the
+gateway, and runs them under uvicorn. ``chat`` is a streaming terminal client for any
+kvfactory (or OpenAI-compatible) server. ``store stats|explain|clear`` inspect and manage
+the disk tier of a store directory without loading weights. Settings come from
+``config.load_settings`` (flags > ``KVFACTORY_*`` env > file > defaults); byte budgets
+accept human sizes (``2GiB``, ``500MB``). Bad input is one line on stderr and exit code 2.
+This module holds no logic the server needs: everything it calls is importable elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from kvfactory.config import Settings, load_settings
+from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
+
+SIZE_FIELDS = ("memory_bytes", "disk_bytes")
+USAGE_EXIT_CODE = 2
+UNTRIMMED_BYTES = 1 << 62
+"""Disk budget used when the CLI only inspects a store: opening never trims blocks."""
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+_UNIT_BYTES = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mi": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1610612736.
+
+    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and bare K/M/G/T are binary.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative, got {text}")
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNIT_BYTES:
+        raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
+    return int(float(match.group(1)) * _UNIT_BYTES[unit])
+
+
+def _env_with_sizes(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment with human sizes in ``KVFACTORY_*_BYTES`` turned into integers."""
+    normalized = dict(env)
+    for name in SIZE_FIELDS:
+        key = f"KVFACTORY_{name.upper()}"
+        if key in normalized:
+            try:
+                normalized[key] = str(parse_size(normalized[key]))
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
+    return normalized
+
+
+def build_settings(
+    overrides: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from flags (``None`` = not given), env and file; sizes may be human."""
+    flags = dict(overrides)
+    for name in SIZE_FIELDS:
+        if flags.get(name) is not None:
+            flags[name] = parse_size(flags[name])
+    source_env = _env_with_sizes(os.environ if env is None else env)
+    return load_settings(flags, config_file=config_file, env=source_env)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "unbounded"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+class CommandFailed(typer.TyperException):
+    """A command could not do its job; one line on stderr, exit code 1."""
+
+
+# -- options shared by several commands -------------------------------------------------
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file (or KVFACTORY_CONFIG).")
+]
+StoreDirOpt = Annotated[
+    Path | None, typer.Option("--store-dir", help="Disk tier folder (default: HOME/store).")
+]
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Local HF model folder (default: SmolLM2).")
+]
+ChunkOpt = Annotated[int | None, typer.Option("--chunk-tokens", help="Tokens per stored KV block.")]
+MemoryOpt = Annotated[
+    str | None, typer.Option("--memory-bytes", help="Memory tier budget, e.g. 2GiB.")
+]
+DiskOpt = Annotated[str | None, typer.Option("--disk-bytes", help="Disk tier budget, e.g. 20GiB.")]
+
+app = typer.Typer(
+    name="kvfactory",
+    help="Stateful LLM inference with the KV cache as persistent context memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Inspect and manage the context store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _configure_logging(level: str, console: Console) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+# -- serve ------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    model: ModelOpt = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients use (default: the folder's name).")
+    ] = None,
+    store_dir: StoreDirOpt = None,
+    memory_bytes: MemoryOpt = None,
+    disk_bytes: DiskOpt = None,
+    chunk_tokens: ChunkOpt = None,
+    reuse: Annotated[
+        bool | None, typer.Option("--reuse/--no-reuse", help="Use the context store.")
+    ] = None,
+    exact: Annotated[
+        bool | None,
+        typer.Option("--exact/--fast", help="Chunk-aligned prefill (bit-exact reuse) or fastest."),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the OpenAI-compatible API with KV reuse through the context store."""
+    settings = build_settings(
+        {
+            "host": host,
+            "port": port,
+            "model": model,
+            "served_model_name": served_model_name,
+            "store_dir": store_dir,
+            "memory_bytes": memory_bytes,
+            "disk_bytes": disk_bytes,
+            "chunk_tokens": chunk_tokens,
+            "reuse": reuse,
+            "exact_prefill": exact,
+            "log_level": log_level,
+        },
+        config_file=config,
+    )
+    run_server(settings)
+
+
+def run_server(settings: Settings) -> None:
+    """Wire store, engine and gateway for ``settings`` and serve until interrupted."""
+    import uvicorn
+
+    from kvfactory.engines.hf import HFEngine, resolve_model_dir
+    from kvfactory.gateway import TenantResolver, create_app
+    from kvfactory.store.factory import open_store
+    from kvfactory.telemetry import IncidentLog, Metrics
+
+    console = _stderr()
+    _configure_logging(settings.log_level, console)
+    log = logging.getLogger("kvfactory.serve")
+    metrics = Metrics()
+    incidents = IncidentLog(settings.home / "incidents.jsonl")
+    tenants = TenantResolver.from_env(settings.home)
+    # Resolve (and on first use convert) the model before touching the store, so a bad
+    # --model fails fast and leaves no store folder behind.
+    model_dir = resolve_model_dir(settings, console=console)
+    log.info("loading model %s from %s", settings.served_model_name or model_dir.name, model_dir)
+    store = None
+    if settings.reuse:
+        store = open_store(settings, metrics=metrics.store, incidents=incidents)
+        _log_store(log, settings, store.stats().tiers)
+    else:
+        log.info("context store off (--no-reuse): every prompt is prefilled from scratch")
+    try:
+        engine = HFEngine(
+            model_dir,
+            settings=settings,
+            store=store,
+            metrics=metrics,
+            incidents=incidents,
+            console=console,
+        )
+        app_ = create_app([engine], metrics=metrics, incidents=incidents, tenants=tenants)
+        log.info(
+            "serving model '%s' (%s prefill) at http://%s:%d/v1  (metrics: /metrics)",
+            engine.model_name,
+            "exact chunk-aligned" if settings.exact_prefill else "fast",
+            settings.host,
+            settings.port,
+        )
+        uvicorn.run(
+            app_,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _log_store(log: logging.Logger, settings: Settings, tiers: Sequence[Any]) -> None:
+    log.info(
+        "context store at %s (chunk %d tokens, eviction %s, admission %s)",
+        settings.resolved_store_dir,
+        settings.chunk_tokens,
+        settings.eviction,
+        settings.admission,
+    )
+    for tier in tiers:
+        log.info(
+            "  tier %-6s %6d blocks, %s of %s",
+            tier.name,
+            tier.blocks,
+            human_bytes(tier.bytes),
+            human_bytes(tier.capacity_bytes),
+        )
+
+
+# -- chat -------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
+    model: Annotated[str | None, typer.Option(help="Model name (default: the first).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Limit per reply.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    api_key: Annotated[
+        str, typer.Option(envvar="KVFACTORY_API_KEY", help="Bearer key, if the server wants one.")
+    ] = "none",
+) -> None:
+    """Chat in the terminal, streaming tokens; shows TTFT and cached tokens per turn.
+
+    Type /reset to forget the conversation, /exit (or Ctrl-D) to leave.
+    """
+    console = Console(highlight=False)
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(
+        base_url=base, headers=headers, timeout=httpx.Timeout(600, connect=5)
+    ) as http:
+        name = model or _first_model(http)
+        history = [{"role": "system", "content": system}] if system else []
+        console.print(f"[dim]chatting with {name} at {base}; /reset, /exit[/dim]")
+        while True:
+            try:
+                line = console.input("[bold cyan]you>[/bold cyan] ")
+            except EOFError:
+                break
+            if line.strip() == "/exit":
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                console.print("[dim]conversation reset[/dim]")
+                continue
+            if not line.strip():
+                continue
+            turn = [*history, {"role": "user", "content": line}]
+            payload: dict[str, Any] = {
+                "model": name,
+                "messages": turn,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if max_tokens is not None:
+                payload["max_tokens"] = max_tokens
+            if temperature is not None:
+                payload["temperature"] = temperature
+            reply = _stream_turn(http, payload, console)
+            if reply is not None:
+                history = [*turn, {"role": "assistant", "content": reply}]
+
+
+def _first_model(http: httpx.Client) -> str:
+    try:
+        response = http.get("/models")
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise CommandFailed(f"cannot list models at {http.base_url}: {exc}") from exc
+
+
+def _stream_turn(http: httpx.Client, payload: dict[str, Any], console: Console) -> str | None:
+    """Print one streamed reply; its text, or ``None`` when the turn failed."""
+    started = time.perf_counter()
+    first_at: float | None = None
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
+    console.print("[bold green]assistant>[/bold green] ", end="")
+    try:
+        with http.stream("POST", "/chat/completions", json=payload) as response:
+            if response.status_code != 200:
+                response.read()
+                console.print(f"\n[red]error {response.status_code}: {_error_text(response)}")
+                return None
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    console.print(f"\n[red]error: {chunk['error'].get('message')}")
+                    return None
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    text = choice.get("delta", {}).get("content") or ""
+                    if text:
+                        first_at = first_at or time.perf_counter()
+                        pieces.append(text)
+                        console.out(text, end="", highlight=False)
+    except httpx.HTTPError as exc:
+        console.print(f"\n[red]request failed: {exc}")
+        return None
+    ended = time.perf_counter()
+    ttft = f"{(first_at - started) * 1e3:.0f} ms" if first_at else "n/a"
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    generated = usage.get("completion_tokens", len(pieces))
+    rate = generated / (ended - first_at) if first_at and ended > first_at else 0.0
+    console.print(
+        f"\n[dim]TTFT {ttft} · prompt {usage.get('prompt_tokens', '?')} tokens "
+        f"({cached} cached) · {generated} tokens · {rate:.1f} tok/s[/dim]"
+    )
+    return "".join(pieces)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+# -- store ------------------------------------------------------------------------------
+
+
+def _store_settings(config: Path | None, store_dir: Path | None, **extra: Any) -> Settings:
+    return build_settings({"store_dir": store_dir, **extra}, config_file=config)
+
+
+def _open_disk_store(settings: Settings) -> Any:
+    """The store over the disk tier only, with a budget that never trims what is there."""
+    from kvfactory.store.factory import open_store
+
+    inspect = settings.model_copy(update={"memory_bytes": 0, "disk_bytes": UNTRIMMED_BYTES})
+    return open_store(inspect)
+
+
+def _require_store_dir(settings: Settings) -> Path:
+    directory = settings.resolved_store_dir
+    if not directory.is_dir():
+        raise CommandFailed(f"no context store at {directory} (nothing stored yet)")
+    return directory
+
+
+@store_app.command("stats")
+def store_stats(
+    store_dir: StoreDirOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Blocks and bytes on disk, against the configured budgets."""
+    settings = _store_settings(config, store_dir)
+    directory = _require_store_dir(settings)
+    store = _open_disk_store(settings)
+    try:
+        disk = store.stats().tiers[0]
+    finally:
+        store.close()
+    report = {
+        "store_dir": str(directory),
+        "chunk_tokens": settings.chunk_tokens,
+        "disk_blocks": disk.blocks,
+        "disk_bytes": disk.bytes,
+        "disk_capacity_bytes": settings.disk_bytes,
+        "memory_capacity_bytes": settings.memory_bytes,
+    }
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    table = Table(title=f"context store at {directory}")
+    for column in ("tier", "blocks", "bytes", "budget", "used"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    used = f"{100 * disk.bytes / settings.disk_bytes:.1f}%" if settings.disk_bytes else "-"
+    table.add_row(
+        "disk", str(disk.blocks), human_bytes(disk.bytes), human_bytes(settings.disk_bytes), used
+    )
+    table.add_row("memory", "-", "-", human_bytes(settings.memory_bytes), "in the server")
+    Console().print(table)
+
+
+@store_app.command("clear")
+def store_clear(
+    store_dir: StoreDirOpt = None,
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete every block from the disk tier (stop the server using it first)."""
+    settings = _store_settings(config, store_dir)
+    directory = _require_store_dir(settings)
+    if not yes and not typer.confirm(f"Delete every stored block in {directory}?"):
+        raise CommandFailed("nothing deleted")
+    store = _open_disk_store(settings)
+    try:
+        before = store.stats().tiers[0]
+        store.clear()
+    finally:
+        store.close()
+    typer.echo(f"deleted {before.blocks} blocks ({human_bytes(before.bytes)}) from {directory}")
+
+
+@store_app.command("explain")
+def store_explain(
+    text: Annotated[str | None, typer.Argument(help="Prompt text.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Read the prompt from a file.")
+    ] = None,
+    as_chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat", help="Apply the chat template (text = a user message or JSON messages)."
+        ),
+    ] = False,
+    tenant: Annotated[str, typer.Option(help="Tenant whose namespace to look in.")] = "default",
+    tenant_salt: Annotated[
+        str | None, typer.Option(hidden=True, help="Hex salt (testing).")
+    ] = None,
+    model: ModelOpt = None,
+    chunk_tokens: ChunkOpt = None,
+    store_dir: StoreDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Why a prompt's cached prefix ends where it does (loads no weights)."""
+    from kvfactory.engines.hf import load_fingerprint, load_tokenizer
+    from kvfactory.gateway.tenancy import TenantResolver
+    from kvfactory.store.keys import Namespace
+
+    if (text is None) == (file is None):
+        raise typer.BadParameter("give the prompt as an argument or with --file (one of them)")
+    prompt = text if text is not None else _read_text(file)
+    settings = _store_settings(config, store_dir, model=model, chunk_tokens=chunk_tokens)
+    _require_store_dir(settings)
+    tokenizer = load_tokenizer(settings)
+    tokens = _tokenize(tokenizer, prompt, as_chat)
+    if tenant_salt is not None:
+        try:
+            salt = bytes.fromhex(tenant_salt)
+        except ValueError as exc:
+            raise typer.BadParameter("must be hex", param_hint="--tenant-salt") from exc
+    else:
+        salt = TenantResolver.from_env(settings.home).salt_for(tenant)
+    namespace = Namespace.create(load_fingerprint(settings), salt, tenant)
+    store = _open_disk_store(settings)
+    try:
+        answer = store.explain(tokens, namespace)
+    finally:
+        store.close()
+    typer.echo(
+        f"{len(tokens)} tokens, {answer.total_chunks} full chunks of {settings.chunk_tokens}; "
+        f"cached prefix on disk: {answer.hit_tokens} tokens"
+    )
+    typer.echo(f"reason: {answer.reason} — {answer.detail}")
+    typer.echo("(the server's memory tier is not visible from here; only the disk tier is)")
+
+
+def _read_text(path: Path | None) -> str:
+    assert path is not None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--file") from exc
+
+
+def _tokenize(tokenizer: Any, prompt: str, as_chat: bool) -> list[int]:
+    """The token ids the server would build for this prompt (same calls as the engine)."""
+    if not as_chat:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        messages = None
+    if not isinstance(messages, list):
+        messages = [{"role": "user", "content": prompt}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; bad input prints one line and returns 2, never a traceback."""
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name="kvfactory", standalone_mode=False)
+    except typer.TyperException as exc:
+        message = exc.format_message()
+        if not message.strip():  # a group called without a command: typer printed its help
+            return exc.exit_code
+        return _fail(message, exc.exit_code)
+    except (ConfigError, ModelLoadError) as exc:
+        return _fail(str(exc), USAGE_EXIT_CODE)
+    except KVFactoryError as exc:
+        return _fail(str(exc), 1)
+    except (typer.Abort, KeyboardInterrupt):
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _fail(message: str, code: int) -> int:
+    first_line = " ".join(message.split())
+    _stderr().print(f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True)
+    return code
+
+
+__all__ = ["app", "build_settings", "human_bytes", "main", "parse_size", "run_server"]
