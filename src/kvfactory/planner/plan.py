@@ -8,7 +8,8 @@ distribution, a request rate), the plan computes:
   unless given; HBM left after weights (times its usable fraction) holds KV;
 * per tier: usable capacity for the whole system, sessions that fit, read bandwidth into
   one replica, and the reload-versus-recompute break-even context length (``kvmath``);
-* per traffic scale (1x and 10x by default): sessions placed fastest tier first, the rest
+* per traffic scale (1x and 10x by default): sessions placed in the tiers they restore
+  from fastest first, the rest
   overflowing (no room anywhere: recomputed from tokens every turn); per-tier read
   bandwidth and prefill compute utilisation, with load-or-recompute applied per tier; and
   the mean time to restore a session's context (load or recompute, whichever is faster).
@@ -192,7 +193,9 @@ def _place(tiers: Sequence[TierPlan], scale: float, inputs: PlanInputs, gpus: in
     rate = workload.requests_per_s * scale
     remaining = sessions
     placed: dict[str, int] = {}
-    for tier in tiers:
+    # Fill the tier a session restores from fastest first (a remote tier behind a fast NIC
+    # can beat local NVMe); ties keep the hardware's order.
+    for tier in sorted(tiers, key=lambda t: t.load_s):
         placed[tier.name] = min(remaining, tier.sessions_fit)
         remaining -= placed[tier.name]
     mean_tokens = workload.contexts.mean_tokens
