@@ -14,7 +14,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -238,10 +237,6 @@ class HFEngine:
             "running": self.scheduler.running,
             "waiting": self.scheduler.waiting,
         }
-
-    def describe(self) -> dict[str, Any]:
-        """Static facts for logs and ``/v1/models``-style listings."""
-        return {"fingerprint": self.fingerprint, "context_window": self.context_window}
 
 
 __all__ = ["HFEngine"]

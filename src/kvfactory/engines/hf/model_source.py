@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvfactory.config import Settings
-from kvfactory.engines.hf.runtime import import_transformers
+from kvfactory.engines.hf.runtime import first_line, import_transformers
 from kvfactory.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def convert_gguf(gguf: Path, target: Path, *, console: Console | None = None) ->
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"could not convert {gguf} into {target}: {exc}") from exc
+        raise ModelLoadError(f"could not convert {gguf} into {target}: {first_line(exc)}") from exc
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)

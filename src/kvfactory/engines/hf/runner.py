@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from kvfactory.engines.hf.runtime import dtype_name, import_transformers
+from kvfactory.engines.hf.runtime import dtype_name, first_line, import_transformers
 from kvfactory.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def load_tokenizer_from(model_dir: Path) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {exc}") from exc
+        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {first_line(exc)}") from exc
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -74,7 +74,9 @@ class ModelRunner:
                     model_dir, dtype=dtype, local_files_only=True
                 )
             except Exception as exc:
-                raise ModelLoadError(f"cannot load model from {model_dir}: {exc}") from exc
+                raise ModelLoadError(
+                    f"cannot load model from {model_dir}: {first_line(exc)}"
+                ) from exc
             model.to(device)
             model.eval()
         log.info("loaded model %s (%s on %s)", model_dir, dtype_name(dtype), device)

@@ -46,6 +46,12 @@ def import_transformers() -> ModuleType:
     return module
 
 
+def first_line(error: BaseException) -> str:
+    """A one-line rendering of ``error`` (library messages often span many lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` means CUDA when available, else CPU; anything else is passed to torch."""
     if device == "auto":
@@ -85,6 +91,7 @@ __all__ = [
     "DTYPES",
     "configure_threads",
     "dtype_name",
+    "first_line",
     "import_transformers",
     "resolve_device",
     "resolve_dtype",
