@@ -106,8 +106,16 @@ cmd_cluster() {
   done
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$dir/cluster-create.log" 2>&1 \
     || { cat "$dir/cluster-create.log" >&2; die "redis-cli --cluster create failed"; }
+  # Every node must agree the cluster is ok: a node that has not yet heard of all slots
+  # answers CLUSTERDOWN for a moment after creation.
+  local ok
   for _ in $(seq 1 100); do
-    if redis-cli -h 127.0.0.1 -p "$base" cluster info 2>/dev/null | grep -q "cluster_state:ok"; then
+    ok=0
+    for offset in 0 1 2; do
+      redis-cli -h 127.0.0.1 -p $((base + offset)) cluster info 2>/dev/null \
+        | grep -q "cluster_state:ok" && ok=$((ok + 1))
+    done
+    if [ "$ok" -eq 3 ]; then
       echo "redis+cluster://127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
       return 0
     fi

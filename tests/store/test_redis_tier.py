@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -14,7 +15,9 @@ from redis_fixtures import RedisClusterProcs, RedisServer, free_port
 from kvfactory._types import BlockKey, ModelFingerprint
 from kvfactory.errors import ConfigError
 from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block
+from kvfactory.store.context_store import ContextStore
 from kvfactory.store.keys import Namespace, chunk_keys
+from kvfactory.store.tiers.memory import MemoryTier
 from kvfactory.store.tiers.redis import RedisTier, parse_remote_url
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 
@@ -27,23 +30,31 @@ FINGERPRINT = ModelFingerprint(
 NAMESPACE = Namespace.create(FINGERPRINT, b"salt")
 
 
-def make_blocks(
-    count: int, payload_bytes: int = 4096, seed: int = 0
-) -> list[tuple[BlockKey, bytes]]:
-    """``count`` chained, encoded blocks of one prompt; payloads differ per block and seed."""
-    tokens = [(seed * 7919 + i) % 50000 for i in range(count * FINGERPRINT.chunk_tokens)]
-    keys = chunk_keys(tokens, NAMESPACE)
+def prompt(chunks: int, seed: int = 0) -> list[int]:
+    return [(seed * 7919 + i) % 50000 for i in range(chunks * FINGERPRINT.chunk_tokens)]
+
+
+def kv_blocks(tokens: list[int], payload_bytes: int = 4096, seed: int = 0) -> list[KVBlock]:
+    """The chained blocks of ``tokens``' full chunks; payloads differ per block and seed."""
     blocks = []
     parent: bytes = NAMESPACE.id
-    for index, key in enumerate(keys):
+    for index, key in enumerate(chunk_keys(tokens, NAMESPACE)):
         header = BlockHeader(
             dtype="uint8", shape=(payload_bytes,), namespace=NAMESPACE.id, key=key,
             parent=parent, chunk_index=index, num_tokens=FINGERPRINT.chunk_tokens,
         )  # fmt: skip
         payload = bytes((index * 31 + seed + j) % 251 for j in range(256)) * (payload_bytes // 256)
-        blocks.append((key, encode_block(KVBlock(header=header, payload=payload))))
+        blocks.append(KVBlock(header=header, payload=payload))
         parent = key
     return blocks
+
+
+def make_blocks(
+    count: int, payload_bytes: int = 4096, seed: int = 0
+) -> list[tuple[BlockKey, bytes]]:
+    """``count`` chained, encoded blocks of one prompt, as a tier stores them."""
+    blocks = kv_blocks(prompt(count, seed), payload_bytes, seed)
+    return [(block.key, encode_block(block)) for block in blocks]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
@@ -198,30 +209,49 @@ def test_kill_mid_workload_degrades_to_misses_with_one_incident_then_recovers(
     )  # fmt: skip
     blocks = make_blocks(4)
     keys = [k for k, _ in blocks]
+    errors: list[BaseException] = []
+    calls = [0]
+    stop = threading.Event()
+
+    def workload() -> None:  # four serving threads hammer the tier across the kill
+        while not stop.is_set():
+            try:
+                tier.get_many(keys)
+                tier.contains_many(keys)
+                tier.put_many(blocks[:2])
+                calls[0] += 1
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
     try:
         assert tier.put_many(blocks) == [True] * 4
-        assert tier.get_many(keys) == [d for _, d in blocks]
+        threads = [threading.Thread(target=workload) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: calls[0] >= 20)
         redis_server.kill()
-        for _ in range(40):  # serving continues: every call answers, none raises
-            assert tier.get_many(keys) == [None] * 4
-            assert tier.contains_many(keys) == [False] * 4
-            assert tier.put(*blocks[0]) is False
-            assert list(tier.keys()) == []
-            time.sleep(0.01)
-        stats = tier.stats()
-        assert stats.extra["state"] == "down" and stats.extra["skipped_calls"] > 0
-        assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
-        assert kinds(incidents, IncidentKind.TIER_RECOVERED) == 0
+        wait_until(lambda: tier.stats().extra["state"] == "down")
+        before = calls[0]
+        wait_until(lambda: calls[0] >= before + 50)  # still answering while down
+        assert tier.get_many(keys) == [None] * 4 and tier.put(*blocks[0]) is False
+        assert list(tier.keys()) == [] and tier.contains_many(keys) == [False] * 4
+        assert tier.stats().extra["skipped_calls"] > 0
+        assert len(incidents.recent(kind=IncidentKind.TIER_DOWN)) == 1
 
         redis_server.start()  # same port, empty memory
-        wait_until(lambda: tier.put_many(blocks) == [True] * 4)
-        assert tier.get_many(keys) == [d for _, d in blocks]
-        assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
-        assert kinds(incidents, IncidentKind.TIER_RECOVERED) == 1
+        wait_until(lambda: tier.get_many(keys[:2]) == [d for _, d in blocks[:2]])
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert errors == []
+        assert len(incidents.recent(kind=IncidentKind.TIER_DOWN)) == 1
+        assert len(incidents.recent(kind=IncidentKind.TIER_RECOVERED)) == 1
         recovered = incidents.recent(kind=IncidentKind.TIER_RECOVERED)[0]
         assert recovered.details["tier"] == "remote" and recovered.details["downtime_s"] > 0
         assert tier.stats().extra["outages"] == 1
     finally:
+        stop.set()
         tier.close()
 
 
@@ -284,3 +314,91 @@ def test_cluster_round_trip_spreads_keys_over_nodes(redis_cluster: RedisClusterP
         assert tier.stats().blocks == 0
     finally:
         tier.close()
+
+
+# -- through the ContextStore ------------------------------------------------------------
+
+
+def open_store(url: str, incidents: IncidentLog, **tier_options: object) -> ContextStore:
+    """A store over a private memory tier and the shared Redis tier (like one server)."""
+    remote = RedisTier(url, namespace_prefix="store:", incidents=incidents, **tier_options)  # type: ignore[arg-type]
+    return ContextStore(
+        [MemoryTier(64 << 20), remote],
+        chunk_tokens=FINGERPRINT.chunk_tokens,
+        admission="always",
+        incidents=incidents,
+    )
+
+
+def test_store_shares_blocks_through_redis_and_promotes_on_load(redis_server: RedisServer) -> None:
+    tokens = prompt(5, seed=3)
+    blocks = kv_blocks(tokens, seed=3)
+    with open_store(redis_server.url, IncidentLog()) as writer:
+        writer.put_many(blocks)
+        assert writer.flush(timeout=10)
+    with open_store(redis_server.url, IncidentLog()) as reader:  # another process's view
+        found = reader.lookup([*tokens, 7, 8, 9], NAMESPACE)
+        assert [hit.tier for hit in found.hits] == ["remote"] * 5
+        assert found.hit_tokens == 5 * FINGERPRINT.chunk_tokens
+        loaded = reader.load(found)
+        assert [bytes(b.payload) for b in loaded] == [bytes(b.payload) for b in blocks]
+        again = reader.lookup(tokens, NAMESPACE)
+        assert [hit.tier for hit in again.hits] == ["memory"] * 5  # promoted by the load
+        assert reader.tiers[1].stats().hits == 5
+
+
+def test_corrupt_value_in_redis_is_detected_deleted_and_cuts_the_prefix(
+    redis_server: RedisServer,
+) -> None:
+    tokens = prompt(4, seed=5)
+    blocks = kv_blocks(tokens, seed=5)
+    incidents = IncidentLog()
+    with open_store(redis_server.url, incidents) as writer:
+        writer.put_many(blocks)
+        assert writer.flush(timeout=10)
+    server = redis_server.client()
+    name = b"store:" + blocks[2].key.hex().encode()
+    offset = server.strlen(name) // 2  # inside the payload
+    flipped = bytes([server.getrange(name, offset, offset)[0] ^ 0x01])
+    server.setrange(name, offset, flipped)
+    with open_store(redis_server.url, incidents) as reader:
+        found = reader.lookup(tokens, NAMESPACE)
+        assert len(found.hits) == 4  # presence alone cannot tell
+        loaded = reader.load(found)
+        assert [b.key for b in loaded] == [b.key for b in blocks[:2]]
+        assert bytes(loaded[1].payload) == bytes(blocks[1].payload)
+        assert server.exists(name) == 0
+        failures = incidents.recent(kind=IncidentKind.CHECKSUM_FAILURE)
+        assert len(failures) == 1 and failures[0].details["tier"] == "remote"
+        assert failures[0].details["key"] == blocks[2].key.hex()
+        assert len(reader.lookup(tokens, NAMESPACE).hits) == 2
+
+
+def test_store_keeps_serving_when_redis_dies_and_reuses_it_after_restart(
+    redis_server: RedisServer,
+) -> None:
+    incidents = IncidentLog()
+    options = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+    first, second = prompt(3, seed=11), prompt(3, seed=12)
+    with open_store(redis_server.url, incidents, **options) as store:
+        store.put_many(kv_blocks(first, seed=11))
+        assert store.flush(timeout=10)
+        redis_server.kill()
+        store.put_many(kv_blocks(second, seed=12))  # local tiers still take it
+        assert store.flush(timeout=10)
+        assert len(store.lookup(second, NAMESPACE).hits) == 3
+        with open_store(redis_server.url, incidents, **options) as peer:
+            for _ in range(20):
+                assert peer.lookup(first, NAMESPACE).hits == []
+                assert peer.load(chunk_keys(first, NAMESPACE)) == []
+        assert len(incidents.recent(kind=IncidentKind.TIER_DOWN)) == 2  # one per tier object
+
+        redis_server.start()
+        wait_until(lambda: store.tiers[1].stats().extra["state"] == "up")
+        store.put_many(kv_blocks(prompt(3, seed=13), seed=13))
+        assert store.flush(timeout=10)
+        with open_store(redis_server.url, incidents) as peer:
+            assert [h.tier for h in peer.lookup(prompt(3, seed=13), NAMESPACE).hits] == [
+                "remote"
+            ] * 3
+        assert len(incidents.recent(kind=IncidentKind.TIER_RECOVERED)) == 1

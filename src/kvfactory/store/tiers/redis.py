@@ -8,13 +8,16 @@ verify checksums, promote, or queue writes: ``ContextStore`` does that for every
 
 Keys are ``<namespace_prefix><hex block key>`` with no hash tag, so in cluster mode one
 prompt's chain spreads over every shard (bandwidth and memory scale with the cluster) at the
-cost of a batch touching several nodes; redis-py's cluster pipeline groups a batch's
-commands by node, one round trip per node, which is coarser (and cheaper) than per slot.
+cost of a batch touching several nodes. A batch is grouped by the node owning each key's
+slot and sent as one plain pipeline per node (a moved slot triggers one topology refresh
+and retry); redis-py's own cluster pipeline would retry and re-discover per failed command,
+turning one dead node into seconds of waiting.
 
 Faults never raise into callers: an outage (connection refused, timeout, cluster down)
-turns every call into a miss or a refused put, records one ``TIER_DOWN`` incident, and the
-tier re-probes with exponential backoff; while backing off, calls return at once without
-touching the network. The first successful probe records ``TIER_RECOVERED``.
+turns calls into misses or refused puts, records one ``TIER_DOWN`` incident and drops the
+pooled connections. From then on calls answer at once without touching the network while
+a background thread probes with exponential backoff; its first success records
+``TIER_RECOVERED`` and reopens the tier.
 
 Memory budget: with ``max_bytes`` the tier sets each primary's ``maxmemory`` (budget split
 evenly) and ``maxmemory-policy allkeys-lru`` so the server evicts; evictions are counted
@@ -36,7 +39,13 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.retry import Retry
 
 from kvfactory._types import DIGEST_SIZE, BlockKey
@@ -135,20 +144,14 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hosts}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Ticket:
-    """Permission to make one call: the health epoch it started in, and whether it probes."""
-
-    epoch: int
-    probe: bool
-
-
 class TierHealth:
-    """Up/down state of one remote tier: one incident per outage, backoff between probes.
+    """Up/down state of one remote tier: one incident per outage, probing in the background.
 
-    Every state change bumps an epoch; a call's outcome only moves the state if the call
-    started in the current epoch, so stragglers from before an outage (or a recovery) can
-    neither open a second outage nor close one early.
+    Serving calls take an epoch from ``admit`` (``None`` while down: answer at once without
+    the network). The first outage error of the current epoch opens an outage: it records
+    ``TIER_DOWN``, calls ``on_down`` and starts a prober thread that runs ``probe`` with
+    exponential backoff until it succeeds (``TIER_RECOVERED``) or the tier closes. Every
+    state change bumps the epoch, so stragglers from before an outage cannot open another.
     """
 
     def __init__(
@@ -157,81 +160,58 @@ class TierHealth:
         tier: str,
         where: str,
         incidents: IncidentLog | None,
+        probe: Callable[[], None],
+        on_down: Callable[[], None],
         backoff_initial_s: float,
         backoff_max_s: float,
-        clock: Callable[[], float] = time.monotonic,
     ):
-        self._tier, self._where, self._incidents, self._clock = tier, where, incidents, clock
+        self._tier, self._where, self._incidents = tier, where, incidents
+        self._probe, self._on_down = probe, on_down
         self._initial, self._max = backoff_initial_s, max(backoff_max_s, backoff_initial_s)
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._epoch = 0
         self._down_since: float | None = None
-        self._probing = False
-        self._backoff = backoff_initial_s
-        self._next_probe = 0.0
+        self._backoff = 0.0
         self._outages = 0
         self._skipped = 0
+        self._probes = 0
         self._last_error: str | None = None
 
-    def admit(self) -> _Ticket | None:
-        """A ticket to call the server now, or ``None`` while backing off."""
+    def admit(self) -> int | None:
+        """The current epoch if the server may be called now, ``None`` while it is down."""
         with self._lock:
-            if self._down_since is None:
-                return _Ticket(self._epoch, probe=False)
-            if not self._probing and self._clock() >= self._next_probe:
-                self._probing = True
-                return _Ticket(self._epoch, probe=True)
+            if self._down_since is None and not self._closed.is_set():
+                return self._epoch
             self._skipped += 1
             return None
 
-    def failed(self, ticket: _Ticket, exc: BaseException) -> bool:
-        """Record an outage error; ``True`` when pooled connections should be dropped."""
+    def failed(self, epoch: int, exc: BaseException) -> None:
+        """An outage error from a call admitted in ``epoch``; opens an outage at most once."""
         with self._lock:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            if ticket.epoch != self._epoch:
-                return False
-            now = self._clock()
-            if self._down_since is None:
-                self._epoch += 1
-                self._down_since, self._backoff, self._skipped = now, self._initial, 0
-                self._next_probe = now + self._backoff
-                self._outages += 1
-                opened = True
-            elif ticket.probe:
-                self._probing = False
-                self._backoff = min(self._backoff * 2, self._max)
-                self._next_probe = now + self._backoff
-                opened = False
-            else:
-                return False
-        if opened:
-            self._record(
-                IncidentKind.TIER_DOWN,
-                f"remote tier {self._tier!r} at {self._where} is unreachable; serving from "
-                "local tiers",
-                {"error": self._last_error},
-            )
-        return True
-
-    def succeeded(self, ticket: _Ticket) -> None:
-        if not ticket.probe:
-            return
-        with self._lock:
-            if ticket.epoch != self._epoch or self._down_since is None:
+            self._last_error = _describe(exc)
+            if epoch != self._epoch or self._down_since is not None or self._closed.is_set():
                 return
-            downtime = self._clock() - self._down_since
-            skipped = self._skipped
             self._epoch += 1
-            self._down_since, self._probing, self._backoff = None, False, self._initial
+            self._down_since, self._skipped, self._backoff = time.monotonic(), 0, self._initial
+            self._outages += 1
+        self._on_down()
         self._record(
-            IncidentKind.TIER_RECOVERED,
-            f"remote tier {self._tier!r} at {self._where} is back",
-            {"downtime_s": round(downtime, 3), "skipped_calls": skipped},
+            IncidentKind.TIER_DOWN,
+            f"remote tier {self._tier!r} at {self._where} is unreachable; serving from local "
+            "tiers until it is back",
+            {"error": self._last_error},
         )
+        threading.Thread(
+            target=self._probe_until_up, name=f"kvf-{self._tier}-probe", daemon=True
+        ).start()
 
     def note_error(self, exc: BaseException) -> None:
         with self._lock:
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error = _describe(exc)
+
+    def close(self) -> None:
+        self._closed.set()
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -240,14 +220,50 @@ class TierHealth:
                 "state": "down" if down else "up",
                 "outages": self._outages,
                 "skipped_calls": self._skipped,
+                "probes": self._probes,
                 "backoff_s": self._backoff if down else 0.0,
                 "last_error": self._last_error,
             }
+
+    def _probe_until_up(self) -> None:
+        while not self._closed.wait(self._backoff):
+            try:
+                self._probe()
+            except OUTAGE_ERRORS as exc:
+                self._probe_failed(exc)
+                continue
+            except RedisError:
+                pass  # the server answered, so it is reachable again
+            except Exception as exc:  # a probe must never kill the prober
+                self._probe_failed(exc)
+                continue
+            with self._lock:
+                downtime = time.monotonic() - (self._down_since or time.monotonic())
+                skipped, probes = self._skipped, self._probes + 1
+                self._epoch += 1
+                self._down_since, self._probes = None, probes
+            self._record(
+                IncidentKind.TIER_RECOVERED,
+                f"remote tier {self._tier!r} at {self._where} is back",
+                {"downtime_s": round(downtime, 3), "skipped_calls": skipped, "probes": probes},
+            )
+            return
+
+    def _probe_failed(self, exc: BaseException) -> None:
+        self._on_down()
+        with self._lock:
+            self._last_error = _describe(exc)
+            self._probes += 1
+            self._backoff = min(self._backoff * 2, self._max)
 
     def _record(self, kind: IncidentKind, message: str, details: dict[str, object]) -> None:
         if self._incidents is not None:
             details = {"tier": self._tier, "url": self._where, **details}
             self._incidents.record(Incident(kind=kind, message=message, details=details))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class RedisTier(Tier):
@@ -285,13 +301,14 @@ class RedisTier(Tier):
         self._max_bytes = max_bytes
         self._refresh_ttl = refresh_ttl_on_read and ttl_s is not None
         self._configure_server = configure_server
-        self._socket_timeout_s = socket_timeout_s
-        self._connect_timeout_s = connect_timeout_s or socket_timeout_s
+        self._timeouts = (socket_timeout_s, connect_timeout_s or socket_timeout_s)
         self._read_cost = read_cost
         self._health = TierHealth(
             tier=name,
             where=self.endpoint.redacted,
             incidents=incidents,
+            probe=self._probe,
+            on_down=self._drop_client,
             backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s,
         )
@@ -301,6 +318,7 @@ class RedisTier(Tier):
         self._counts: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "puts", "put_refused", "bytes_read", "bytes_written", "errors"), 0
         )
+        self._block_bytes = 0
         self._budget_mode = "none" if max_bytes is None else "pending"
         self._evicted_seen: dict[str, int] = {}
         self._evictions = 0
@@ -326,46 +344,41 @@ class RedisTier(Tier):
         return self.delete_many([key]) == 1
 
     def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
-        if not keys:
-            return []
-        found = self._run(lambda c: self._pipelined(c, keys, _exists), None)
-        return [bool(n) for n in found] if found is not None else [False] * len(keys)
+        ops = [(name, 0, _exists(name)) for name in map(self._name, keys)]
+        return [reply == 1 for reply in self._replies(ops)]
 
     def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        if not keys:
-            return []
-        reader = _getex(self._ttl_s) if self._refresh_ttl else _get
-        values = self._run(lambda c: self._pipelined(c, keys, reader), None)
-        out: list[bytes | None] = [
-            v if isinstance(v, bytes) else None for v in (values or [None] * len(keys))
-        ]
-        hits = [v for v in out if v is not None]
-        self._count(
-            hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(len(v) for v in hits)
-        )
+        read = _getex(self._ttl_s) if self._refresh_ttl else _get
+        ops = [(name, self._block_bytes, read(name)) for name in map(self._name, keys)]
+        out = [reply if isinstance(reply, bytes) else None for reply in self._replies(ops)]
+        hits = [value for value in out if value is not None]
+        if hits:
+            self._block_bytes = len(hits[-1])
+        self._count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(map(len, hits)))
         return out
 
     def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
         pairs = list(items)
-        if not pairs:
-            return []
         if self._max_bytes is not None and self._refuse_over_budget():
             self._count(put_refused=len(pairs))
             return [False] * len(pairs)
-        results = self._run(lambda c: self._write(c, pairs), None)
-        stored = [r is True for r in results] if results is not None else [False] * len(pairs)
+        ops = [
+            (self._name(key), len(data), _set(self._name(key), data, self._ttl_s))
+            for key, data in pairs
+        ]
+        stored = [reply is True for reply in self._replies(ops)]
+        if pairs:
+            self._block_bytes = len(pairs[-1][1])
         written = sum(len(data) for (_, data), ok in zip(pairs, stored, strict=True) if ok)
         self._count(puts=sum(stored), put_refused=len(pairs) - sum(stored), bytes_written=written)
         return stored
 
     def delete_many(self, keys: Sequence[BlockKey]) -> int:
-        if not keys:
-            return 0
-        removed = self._run(lambda c: self._pipelined(c, keys, _unlink), None)
-        return sum(1 for n in removed or [] if n == 1)
+        ops = [(name, 0, _unlink(name)) for name in map(self._name, keys)]
+        return sum(1 for reply in self._replies(ops) if reply == 1)
 
     def keys(self) -> Iterator[BlockKey]:
-        found = self._run(lambda c: list(self._scan(c)), None)
+        found = self._run(lambda client: list(self._scan(client)), None)
         return iter(found or [])
 
     def clear(self) -> None:
@@ -377,15 +390,7 @@ class RedisTier(Tier):
         server = self._run(self._server_stats, None)
         with self._counts_lock:
             counts = dict(self._counts)
-        extra: dict[str, object] = {
-            "url": self.endpoint.redacted,
-            "cluster": self.endpoint.cluster,
-            "ttl_s": self._ttl_s,
-            "budget_mode": self._budget_mode,
-            "bytes_source": "server used_memory",
-            **counts,
-            **self._health.snapshot(),
-        }
+            evictions = self._evictions
         blocks, used, maxmemory = server if server is not None else (0, 0, 0)
         return TierStats(
             name=self.name,
@@ -394,38 +399,58 @@ class RedisTier(Tier):
             capacity_bytes=self._max_bytes or (maxmemory or None),
             hits=counts["hits"],
             misses=counts["misses"],
-            evictions=self._evictions,
-            extra=extra,
+            evictions=evictions,
+            extra={
+                "url": self.endpoint.redacted,
+                "cluster": self.endpoint.cluster,
+                "ttl_s": self._ttl_s,
+                "budget_mode": self._budget_mode,
+                "bytes_source": "server used_memory",
+                **counts,
+                **self._health.snapshot(),
+            },
         )
 
     def close(self) -> None:
+        self._health.close()
         with self._client_lock:
             client, self._client = self._client, None
         if client is not None:
             _close(client)
 
-    # -- connection, health -----------------------------------------------------------
+    # -- calls, connection, health ----------------------------------------------------
 
     def _run(self, op: Callable[[Client], T], fallback: T) -> T:
-        """Run ``op`` unless backing off; outages and server errors become ``fallback``."""
-        ticket = self._health.admit()
-        if ticket is None:
+        """Run ``op`` unless the tier is down; outages and server errors become ``fallback``."""
+        epoch = self._health.admit()
+        if epoch is None:
             return fallback
+        client: Client | None = None
         try:
-            result = op(self._connected())
+            client = self._connected()
+            return op(client)
         except OUTAGE_ERRORS as exc:
             self._count(errors=1)
-            if self._health.failed(ticket, exc):
-                self.close()  # after an outage every pooled connection is suspect
-            return fallback
-        except RedisError as exc:
-            # The server answered (e.g. OOM, READONLY): it is up, this one call failed.
+            self._health.failed(epoch, exc)
+        except RedisError as exc:  # the server answered (OOM, READONLY, ...): one call failed
             self._count(errors=1)
-            self._health.succeeded(ticket)
             self._health.note_error(exc)
-            return fallback
-        self._health.succeeded(ticket)
-        return result
+        except Exception as exc:
+            with self._client_lock:
+                dropped = client is not None and client is not self._client
+            if not dropped:
+                raise
+            # The tier was closed under this call (store shutdown): nothing to serve from.
+            self._count(errors=1)
+            self._health.note_error(exc)
+        return fallback
+
+    def _replies(self, ops: Sequence[_Op]) -> list[object]:
+        """One reply per op (``None`` for all of them when the call could not be made)."""
+        if not ops:
+            return []
+        replies = self._run(lambda client: self._execute(client, ops), None)
+        return replies if replies is not None else [None] * len(ops)
 
     def _connected(self) -> Client:
         with self._client_lock:
@@ -440,24 +465,45 @@ class RedisTier(Tier):
             return self._client
 
     def _new_client(self) -> Client:
+        socket_timeout, connect_timeout = self._timeouts
         options: dict[str, Any] = {
-            "socket_timeout": self._socket_timeout_s,
-            "socket_connect_timeout": self._connect_timeout_s,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
         }
         if self.endpoint.cluster:
             nodes = [_cluster_node(host, port) for host, port in self.endpoint.nodes[1:]]
-            # One retry lets the client follow a topology change; outages are ours to handle.
             return RedisCluster(
-                url=self.endpoint.url, startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **options
+                url=self.endpoint.url, startup_nodes=nodes, retry=Retry(NoBackoff(), 0), **options
             )
         return redis.Redis.from_url(self.endpoint.url, retry=Retry(NoBackoff(), 0), **options)
+
+    def _drop_client(self) -> None:
+        """Forget the client and its pooled connections: after an outage all are suspect.
+
+        Calls still in flight keep using it; it closes its sockets once the last of them
+        lets go (closing it here would pull sockets out from under them).
+        """
+        with self._client_lock:
+            self._client = None
+
+    def _probe(self) -> None:
+        """Raise unless every primary answers (and, in a cluster, reports its state ok)."""
+        client = self._connected()
+        for node in _primaries(client):
+            connection = _on(client, node)
+            connection.ping()
+            if node is not None:
+                state = connection.execute_command("CLUSTER INFO").get("cluster_state")
+                if state != "ok":
+                    raise ClusterDownError(f"node {node.name} reports cluster_state {state}")
 
     def _after_connect(self, client: Client) -> None:
         """Apply the memory budget and take the eviction baseline of a (re)started server."""
         self._read_evictions(client)
-        if self._max_bytes is None or not self._configure_server:
-            if self._max_bytes is not None:
-                self._budget_mode = "tracked"
+        if self._max_bytes is None:
+            return
+        if not self._configure_server:
+            self._budget_mode = "tracked"
             return
         primaries = _primaries(client)
         per_node = max(1, self._max_bytes // len(primaries))
@@ -466,7 +512,7 @@ class RedisTier(Tier):
                 _on(client, node).config_set("maxmemory", per_node)
                 _on(client, node).config_set("maxmemory-policy", "allkeys-lru")
             self._budget_mode = "server"
-        except (redis.ResponseError, ClusterError):
+        except redis.ResponseError:
             self._budget_mode = "tracked"
 
     def _read_evictions(self, client: Client) -> None:
@@ -479,10 +525,9 @@ class RedisTier(Tier):
             for name, current in counters.items():
                 previous = self._evicted_seen.get(name)
                 self._evicted_seen[name] = current
-                if previous is None:
-                    continue  # first look at this node: a baseline, not evictions of ours
-                # A restarted server resets its counter: count from zero again.
-                self._evictions += current if current < previous else current - previous
+                if previous is not None:  # the first look is a baseline, not our evictions
+                    # A restarted server resets its counter: count from zero again.
+                    self._evictions += current if current < previous else current - previous
 
     def _refuse_over_budget(self) -> bool:
         if self._budget_mode != "tracked":
@@ -505,27 +550,53 @@ class RedisTier(Tier):
             maxmemory += int(info.get("maxmemory", 0))
         return blocks, used, maxmemory
 
-    # -- wire helpers -----------------------------------------------------------------
+    # -- wire -------------------------------------------------------------------------
 
     def _name(self, key: BlockKey) -> bytes:
         return self._prefix + key.hex().encode("ascii")
 
-    def _pipelined(
-        self, client: Client, keys: Sequence[BlockKey], command: _Command
-    ) -> list[object]:
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            command(pipe, self._name(key))
-        return list(pipe.execute(raise_on_error=False))
+    def _execute(self, client: Client, ops: Sequence[_Op]) -> list[object]:
+        if not isinstance(client, RedisCluster):
+            return self._pipelined(client, ops)
+        replies = self._execute_by_node(client, ops)
+        if any(isinstance(reply, AskError) for reply in replies):  # slots moved: one retry
+            client.nodes_manager.initialize()
+            replies = self._execute_by_node(client, ops)
+        return replies
 
-    def _write(self, client: Client, pairs: Sequence[tuple[BlockKey, bytes]]) -> list[object]:
-        results: list[object] = []
-        for batch in _batches(pairs):
-            pipe = client.pipeline(transaction=False)
-            for key, data in batch:
-                pipe.set(self._name(key), data, ex=self._ttl_s)
-            results.extend(pipe.execute(raise_on_error=False))
-        return results
+    def _execute_by_node(self, client: RedisCluster, ops: Sequence[_Op]) -> list[object]:
+        """One plain pipeline per primary holding some of the keys.
+
+        Grouping by node ourselves (instead of redis-py's cluster pipeline) keeps a dead
+        node a single fast error rather than a retry and topology refresh per command.
+        """
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for index, (name, _, _) in enumerate(ops):
+            node = client.get_node_from_key(name)  # type: ignore[no-untyped-call]
+            groups.setdefault(node.name, (node, []))[1].append(index)
+        replies: list[object] = [None] * len(ops)
+        for node, indices in groups.values():
+            connection = client.get_redis_connection(node)
+            node_replies = self._pipelined(connection, [ops[i] for i in indices])
+            for index, reply in zip(indices, node_replies, strict=True):
+                replies[index] = reply
+        return replies
+
+    def _pipelined(self, connection: redis.Redis, ops: Sequence[_Op]) -> list[object]:
+        replies: list[object] = []
+        for batch in _batches(ops):
+            pipe = connection.pipeline(transaction=False)
+            for _, _, queue in batch:
+                queue(pipe)
+            replies.extend(pipe.execute(raise_on_error=False))
+        failures = [reply for reply in replies if isinstance(reply, Exception)]
+        for failure in failures:
+            if isinstance(failure, OUTAGE_ERRORS):  # CLUSTERDOWN arrives as a reply
+                raise failure
+        if failures and not all(isinstance(f, AskError) for f in failures):
+            self._count(errors=len(failures))
+            self._health.note_error(failures[0])
+        return replies
 
     def _scan(self, client: Client) -> Iterator[BlockKey]:
         width = len(self._prefix) + 2 * DIGEST_SIZE
@@ -544,39 +615,41 @@ class RedisTier(Tier):
                 self._counts[field] += delta
 
 
-_Command = Callable[[Any, bytes], object]
+_Queue = Callable[[Any], object]
+_Op = tuple[bytes, int, _Queue]
+"""(key name, bytes it moves, a function queueing its command on a pipeline)."""
 
 
-def _get(pipe: Any, name: bytes) -> object:
-    return pipe.get(name)
+def _get(name: bytes) -> _Queue:
+    return lambda pipe: pipe.get(name)
 
 
-def _getex(ttl_s: int | None) -> _Command:
-    def command(pipe: Any, name: bytes) -> object:
-        return pipe.getex(name, ex=ttl_s)
-
-    return command
+def _getex(ttl_s: int | None) -> Callable[[bytes], _Queue]:
+    return lambda name: lambda pipe: pipe.getex(name, ex=ttl_s)
 
 
-def _exists(pipe: Any, name: bytes) -> object:
-    return pipe.exists(name)
+def _set(name: bytes, data: bytes, ttl_s: int | None) -> _Queue:
+    return lambda pipe: pipe.set(name, data, ex=ttl_s)
 
 
-def _unlink(pipe: Any, name: bytes) -> object:
-    return pipe.unlink(name)
+def _exists(name: bytes) -> _Queue:
+    return lambda pipe: pipe.exists(name)
 
 
-def _batches(
-    pairs: Sequence[tuple[BlockKey, bytes]],
-) -> Iterator[Sequence[tuple[BlockKey, bytes]]]:
+def _unlink(name: bytes) -> _Queue:
+    return lambda pipe: pipe.unlink(name)
+
+
+def _batches(ops: Sequence[_Op]) -> Iterator[Sequence[_Op]]:
+    """Consecutive slices of ``ops`` moving at most ``_BATCH_BYTES`` each (one op at least)."""
     start, size = 0, 0
-    for index, (_, data) in enumerate(pairs):
-        if size and size + len(data) > _BATCH_BYTES:
-            yield pairs[start:index]
+    for index, (_, nbytes, _) in enumerate(ops):
+        if index > start and size + nbytes > _BATCH_BYTES:
+            yield ops[start:index]
             start, size = index, 0
-        size += len(data)
-    if start < len(pairs):
-        yield pairs[start:]
+        size += nbytes
+    if start < len(ops):
+        yield ops[start:]
 
 
 def _cluster_node(host: str, port: int) -> ClusterNode:
@@ -592,21 +665,8 @@ def _primaries(client: Client) -> list[Any]:
 def _on(client: Client, node: Any) -> Any:
     """A command target: the node itself in cluster mode, else the client."""
     if isinstance(client, RedisCluster):
-        return _NodeCommands(client, node)
+        return client.get_redis_connection(node)
     return client
-
-
-class _NodeCommands:
-    """The few server commands this tier sends to one cluster node."""
-
-    def __init__(self, client: RedisCluster, node: Any):
-        self._client, self._node = client, node
-
-    def info(self, section: str) -> dict[str, Any]:
-        return dict(self._client.info(section, target_nodes=self._node))
-
-    def config_set(self, name: str, value: int | str) -> object:
-        return self._client.config_set(name, value, target_nodes=self._node)
 
 
 def _node_name(node: Any) -> str:
