@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvfactory.engines.base import Engine, GenerationRequest, check_context
 from kvfactory.errors import InvalidRequestError, KVFactoryError, ModelNotFoundError
 from kvfactory.gateway.errors import APIError, invalid_request, to_api_error
-from kvfactory.gateway.generation import Completed, MeteredGeneration, outcome_of
+from kvfactory.gateway.generation import Completed, MeteredGeneration, Outcome, outcome_of
 from kvfactory.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,6 +44,7 @@ from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-Id"
+RequestModel = TypeVar("RequestModel", ChatCompletionRequest, CompletionRequest)
 DISCONNECT_POLL_S = 0.25
 UNKNOWN_MODEL_LABEL = "unknown"
 _HEALTHY = {"ok", "ready", "healthy", "serving"}
@@ -115,6 +116,16 @@ class Gateway:
         self.incidents = incidents
         self.tenants = tenants
         self.started_at = now()
+
+    def parse(self, raw: bytes, model: type[RequestModel]) -> RequestModel:
+        """``parse_request`` that also counts a rejected body as an invalid request."""
+        try:
+            return parse_request(raw, model)
+        except APIError:
+            self.metrics.serving.requests.labels(
+                model=UNKNOWN_MODEL_LABEL, status=str(Outcome.INVALID)
+            ).inc()
+            raise
 
     def engine_for(self, model: str) -> Engine:
         engine = self.engines.get(model)
@@ -249,7 +260,7 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
-        body = parse_request(await request.body(), ChatCompletionRequest)
+        body = gateway.parse(await request.body(), ChatCompletionRequest)
         prepared = gateway.prepare(request, body, id_prefix="chatcmpl", arrived=arrived)
         model = prepared.engine.model_name
         return await gateway.respond(
@@ -271,7 +282,7 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         arrived = time.perf_counter()
-        body = parse_request(await request.body(), CompletionRequest)
+        body = gateway.parse(await request.body(), CompletionRequest)
         prepared = gateway.prepare(request, body, id_prefix="cmpl", arrived=arrived)
         model = prepared.engine.model_name
         return await gateway.respond(

@@ -1,0 +1,195 @@
+"""The ``kvfactory`` CLI: sizes, settings precedence, one-line errors, and store commands on a
+real store directory filled through the real ``ContextStore``."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MakeBlocks
+from kvfactory.cli import build_settings, main, parse_size
+from kvfactory.config import Settings
+from kvfactory.errors import ConfigError
+from kvfactory.store.factory import open_store
+from kvfactory.store.keys import Namespace
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("1024", 1024),
+        ("2GiB", 2 << 30),
+        ("2gib", 2 << 30),
+        ("500MB", 500_000_000),
+        ("1.5G", 3 << 29),
+        ("64 KiB", 64 << 10),
+        ("3Ti", 3 << 40),
+        ("10kb", 10_000),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1", "2XB", "1.2.3G", "two"])
+def test_parse_size_rejects_garbage(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid size"):
+        parse_size(text)
+
+
+def test_settings_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "kvfactory.toml"
+    config.write_text("port = 1111\nchunk_tokens = 128\nmemory_bytes = 1000\n")
+    env = {"KVFACTORY_PORT": "2222", "KVFACTORY_MEMORY_BYTES": "1GiB"}
+
+    from_file = build_settings({}, config_file=config, env={})
+    assert (from_file.port, from_file.chunk_tokens, from_file.memory_bytes) == (1111, 128, 1000)
+    from_env = build_settings({"port": None}, config_file=config, env=env)
+    assert (from_env.port, from_env.chunk_tokens, from_env.memory_bytes) == (2222, 128, 1 << 30)
+    from_flags = build_settings({"port": 3333, "memory_bytes": "2MiB"}, config_file=config, env=env)
+    assert (from_flags.port, from_flags.memory_bytes) == (3333, 2 << 20)
+    assert build_settings({}, env={}).port == Settings().port
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["serve", "--memory-bytes", "lots"], {}, "invalid size 'lots'"),
+        (["serve", "--bogus"], {}, "No such option"),
+        (["serve", "--port", "http"], {}, "--port"),
+        (["serve", "--chunk-tokens", "3"], {}, "chunk_tokens"),
+        (["serve", "--config", "/nonexistent/kvfactory.toml"], {}, "config file not found"),
+        (["serve"], {"KVFACTORY_PORT": "eighty"}, "port"),
+        (["serve"], {"KVFACTORY_DISK_BYTES": "much"}, "KVFACTORY_DISK_BYTES"),
+        (["serve", "--model", "/nonexistent/model"], {}, "model folder not found"),
+        (["store", "explain"], {}, "--file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(
+    argv: list[str],
+    env: dict[str, str],
+    needle: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KVFACTORY_STORE_DIR", str(tmp_path / "store"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert needle in err
+    assert not (tmp_path / "store").exists()  # nothing was touched before failing
+
+
+def test_console_entry_point_fails_cleanly_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfactory", "serve", "--disk-bytes", "1 parsec"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid size '1 parsec': use bytes or a unit like 500MB, 2GiB"
+    ]
+
+
+def _fill_store(
+    store_dir: Path, namespace: Namespace, make_blocks: MakeBlocks, tokens: list[int]
+) -> int:
+    settings = Settings(
+        store_dir=store_dir, memory_bytes=1 << 20, disk_bytes=1 << 24, admission="always",
+        chunk_tokens=namespace.chunk_tokens,
+    )  # fmt: skip
+    blocks = make_blocks(tokens, namespace, payload_bytes=256)
+    with open_store(settings) as store:
+        store.put_many(blocks)
+        assert store.flush(timeout=30)
+    return len(blocks)
+
+
+def _stats(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, int]:
+    assert main(["store", "stats", "--store-dir", str(store_dir), "--json"]) == 0
+    report: dict[str, int] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def test_store_stats_and_clear_on_a_real_store(
+    tmp_path: Path,
+    namespace: Namespace,
+    make_blocks: MakeBlocks,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store_dir = tmp_path / "store"
+    stored = _fill_store(store_dir, namespace, make_blocks, list(range(16 * 3 + 5)))
+    assert stored == 3
+    report = _stats(store_dir, capsys)
+    assert report["disk_blocks"] == 3 and report["disk_bytes"] > 3 * 256
+
+    # a small configured budget must not trim what is on disk when only looking at it
+    monkeypatch.setenv("KVFACTORY_DISK_BYTES", "1KiB")
+    assert _stats(store_dir, capsys)["disk_blocks"] == 3
+    monkeypatch.delenv("KVFACTORY_DISK_BYTES")
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    assert main(["store", "clear", "--store-dir", str(store_dir)]) == 1
+    assert "nothing deleted" in capsys.readouterr().err
+    assert _stats(store_dir, capsys)["disk_blocks"] == 3
+
+    assert main(["store", "clear", "--store-dir", str(store_dir), "--yes"]) == 0
+    assert "deleted 3 blocks" in capsys.readouterr().out
+    assert _stats(store_dir, capsys)["disk_blocks"] == 0
+
+
+def test_store_commands_on_a_missing_store_do_not_create_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["store", "stats", "--store-dir", str(missing)]) == 1
+    assert "no context store" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.slow
+def test_store_explain_finds_the_prefix_stored_for_the_real_tokenizer(
+    tmp_path: Path, make_blocks: MakeBlocks, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvfactory.engines.hf import load_fingerprint, load_tokenizer
+
+    settings = Settings(store_dir=tmp_path / "store", chunk_tokens=16)
+    text = (
+        "Context memory keeps the KV cache of long prompts so the next request skips prefill. " * 3
+    )
+    tokens = list(load_tokenizer(settings)(text, add_special_tokens=True)["input_ids"])
+    salt = b"tenant-salt-for-test"
+    namespace = Namespace.create(load_fingerprint(settings), salt, "default")
+    stored = _fill_store(settings.resolved_store_dir, namespace, make_blocks, tokens[:32])
+    assert stored == 2
+    base = [
+        "store",
+        "explain",
+        text,
+        "--store-dir",
+        str(settings.resolved_store_dir),
+        "--chunk-tokens",
+        "16",
+    ]
+
+    assert main([*base, "--tenant-salt", salt.hex()]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(tokens)} tokens" in out and "cached prefix on disk: 32 tokens" in out
+    assert "never_stored" in out and "chunk 2" in out
+
+    assert main([*base, "--tenant-salt", b"another tenant".hex()]) == 0
+    assert "cached prefix on disk: 0 tokens" in capsys.readouterr().out
