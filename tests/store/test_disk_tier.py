@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import threading
@@ -140,8 +139,10 @@ def test_open_cleans_temp_files_and_unreadable_blocks(tmp_path: Path) -> None:
     tier.close()
     torn_key, torn = make_block("torn")
     folder = tmp_path / torn_key.hex()[:2]
+    folder.mkdir(exist_ok=True)
     (folder / f"{torn_key.hex()}.kvb").write_bytes(torn[: len(torn) // 2])
     empty_key = make_block("empty")[0]
+    (tmp_path / empty_key.hex()[:2]).mkdir(exist_ok=True)
     (tmp_path / empty_key.hex()[:2] / f"{empty_key.hex()}.kvb").write_bytes(b"")
     (folder / f".{torn_key.hex()}.123.0.tmp").write_bytes(torn[:100])
     (tmp_path / "README").write_text("not ours, left alone")
@@ -216,7 +217,7 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(ops=_ops, policy=st.sampled_from(["lru", "prefix_lru", "lfu_aging", "s3fifo"]))
 def test_matches_a_dict_with_a_byte_budget(ops: list[tuple[str, int]], policy: str) -> None:
     with tempfile.TemporaryDirectory() as directory:
@@ -247,4 +248,3 @@ def test_matches_a_dict_with_a_byte_budget(ops: list[tuple[str, int]], policy: s
             for gone in set(model) - resident:
                 del model[gone]
             assert tier.stats().bytes == sum(len(model[k]) for k in resident) <= 2000
-            assert len(os.listdir(directory)) == 256

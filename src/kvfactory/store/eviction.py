@@ -3,13 +3,15 @@
 Four policies, all deterministic and O(1) or O(log n) amortised per operation:
 
 * ``LRUPolicy`` (``"lru"``): least recently used first; an ``OrderedDict``.
-* ``PrefixLRUPolicy`` (``"prefix_lru"``): least recently used *leaf* first. A block is only
-  useful after its whole prefix, so dropping a chain's root wastes every descendant while
-  dropping its tail wastes nothing else. Blocks with a resident child are evicted only when
-  no leaf is left.
-* ``LFUAgingPolicy`` (``"lfu_aging"``): LFU with dynamic aging (LFU-DA): rank is
-  ``age + uses``, where ``age`` rises to the rank of each victim so that once-hot blocks
-  cannot stay forever. Ties go to leaves first, then least recently used.
+* ``PrefixLRUPolicy`` (``"prefix_lru"``, the default): least recently used *leaf* first. A
+  block is only useful after its whole prefix, so dropping a chain's root wastes every
+  descendant while dropping its tail wastes nothing else. Blocks with a resident child go
+  only when no leaf is left, and *orphans* (blocks whose parent is not resident, useless
+  until it returns) go before anything else. Tiers insert before they evict, so a chain
+  longer than the budget keeps its head and declines its tail.
+* ``LFUAgingPolicy`` (``"lfu_aging"``): orphans first, then LFU with dynamic aging
+  (LFU-DA): rank is ``age + uses``, where ``age`` rises to the rank of each victim so that
+  once-hot blocks cannot stay forever. Ties go to leaves first, then least recently used.
 * ``S3FIFOPolicy`` (``"s3fifo"``): small probationary FIFO + main FIFO + ghost set, so
   one-off blocks leave quickly without pushing out reused ones.
 

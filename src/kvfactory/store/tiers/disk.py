@@ -1,7 +1,7 @@
 """The local-disk tier: one file per block, crash safe, its index rebuilt at open.
 
-Layout: ``<dir>/<first two hex digits of the key>/<key hex>.kvb``, 256 fan-out folders made
-at open. A put writes ``.<key hex>.<pid>.<n>.tmp`` in the block's folder, fsyncs it,
+Layout: ``<dir>/<first two hex digits of the key>/<key hex>.kvb`` (fan-out folders are made
+on first use). A put writes ``.<key hex>.<pid>.<n>.tmp`` in the block's folder, fsyncs it,
 ``os.replace``s it into place and fsyncs the folder, so a reader (or a process after a
 crash) sees either no file or the whole block, never a torn one. Temp files left by a crash
 are deleted at open, as is any ``.kvb`` file whose header cannot be parsed (counted in
@@ -100,9 +100,6 @@ class DiskTier(Tier):
     def _open(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for index in range(256):
-                (self.directory / f"{index:02x}").mkdir(exist_ok=True)
-            self._sync_dir(self.directory)
             found = self._scan()
         except OSError as exc:
             raise StoreError(f"cannot open disk tier at {self.directory}: {exc}") from exc
@@ -117,9 +114,10 @@ class DiskTier(Tier):
 
     def _scan(self) -> list[_Found]:
         found: list[_Found] = []
-        for folder in sorted(self.directory.iterdir()):
-            if not folder.is_dir() or len(folder.name) != 2:
-                continue
+        with os.scandir(self.directory) as folders:
+            fan_out = sorted(f.name for f in folders if len(f.name) == 2 and f.is_dir())
+        for name in fan_out:
+            folder = self.directory / name
             with os.scandir(folder) as entries:
                 for entry in entries:
                     block = self._inspect(folder, entry)
@@ -237,8 +235,14 @@ class DiskTier(Tier):
             stamp = self._next_stamp()
         final = self.path_of(key)
         temp = final.with_name(f".{final.stem}.{os.getpid()}.{next(self._temp_ids)}{TEMP_SUFFIX}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(temp, flags, 0o644)
+            except FileNotFoundError:  # first block of this fan-out folder
+                temp.parent.mkdir(exist_ok=True)
+                self._sync_dir(self.directory)
+                fd = os.open(temp, flags, 0o644)
             try:
                 view = memoryview(data)
                 while view:
