@@ -43,7 +43,9 @@ WIDE_OUTPUT = 180
 
 def _fail(message: str) -> typer.Exit:
     first_line = (message.strip().splitlines() or ["failed"])[0]
-    Console(stderr=True).print(f"[red]error:[/red] {escape(first_line)}", highlight=False)
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(USAGE_EXIT_CODE)
 
 
