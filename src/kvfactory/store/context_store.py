@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -26,25 +25,20 @@ from kvfactory.store.codec import KVBlock, decode_block, encode_block
 from kvfactory.store.cost import CostModel
 from kvfactory.store.explain import (
     Explanation,
-    MissReason,
     NamespaceBook,
-    SkipReason,
+    Refusal,
     TombstoneBook,
-    explain_tombstone,
+    explain_prefix,
 )
 from kvfactory.store.keys import Namespace
 from kvfactory.store.pins import PinRegistry
 from kvfactory.store.policy import AdmissionPolicy, make_admission_policy
 from kvfactory.store.tiers.base import Tier, TierHooks, TierStats
-from kvfactory.store.writer import WriteBehindQueue
+from kvfactory.store.writer import TIER_FAULTS, TierWriter, WriteJob
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics, StoreMetrics
 
-DROP_INCIDENT_INTERVAL_S = 60.0
 CLOSE_FLUSH_TIMEOUT_S = 30.0
-_TIER_FAULTS = (StoreError, OSError)
-"""Errors that make a tier look empty (or refuse a write) for one operation instead of
-failing the request: a tier that is down, closed, or cannot write right now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,42 +81,14 @@ class StoreStats:
     tombstones: int
 
 
-@dataclass(frozen=True, slots=True)
-class _WriteJob:
-    key: BlockKey
-    data: bytes
-    tiers: tuple[Tier, ...]
-
-
 @dataclass(slots=True)
 class _Counters:
     lookups: int = 0
     misses: int = 0
     blocks_put: int = 0
-    queue_drops: int = 0
     checksum_failures: int = 0
     recompute_decisions: int = 0
-    admission_skips: int = 0
-    write_errors: int = 0
     hits_by_tier: dict[str, int] = field(default_factory=dict)
-
-
-class _RateLimit:
-    """Lets one event of each kind through per interval (incidents, not per-block spam)."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, kind: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(kind)
-            if last is not None and now - last < self._interval_s:
-                return False
-            self._last[kind] = now
-            return True
 
 
 class ContextStore:
@@ -147,31 +113,30 @@ class ContextStore:
             raise ValueError(f"tier names must be unique, got {names}")
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-        if put_timeout_s < 0:
-            raise ValueError(f"put_timeout_s must be >= 0, got {put_timeout_s}")
         self._tiers = tuple(tiers)
         self._rank = {name: i for i, name in enumerate(names)}
         self._chunk_tokens = chunk_tokens
-        self._admission = (
-            make_admission_policy(admission) if isinstance(admission, str) else admission
-        )
         self.cost_model = cost_model if cost_model is not None else CostModel()
         self._metrics = metrics if metrics is not None else Metrics().store
         self._incidents = incidents if incidents is not None else IncidentLog()
-        self._put_timeout_s = put_timeout_s
         self._pins = PinRegistry()
         self._tombstones = TombstoneBook()
         self._namespaces = NamespaceBook()
         self._counters = _Counters()
         self._counters_lock = threading.Lock()
-        self._incident_limit = _RateLimit(DROP_INCIDENT_INTERVAL_S)
         self._block_nbytes = 0
         self._closed = False
         hooks = TierHooks(is_pinned=self._pins.is_pinned, on_evict=self._on_evict)
         for tier in self._tiers:
             tier.attach(hooks)
-        self._writer: WriteBehindQueue[_WriteJob] = WriteBehindQueue(
-            self._write_job, capacity=write_queue_blocks, on_error=self._write_failed
+        self._writer = TierWriter(
+            self._tiers[1:],
+            admission=make_admission_policy(admission) if isinstance(admission, str) else admission,
+            tombstones=self._tombstones,
+            metrics=self._metrics,
+            incidents=self._incidents,
+            capacity=write_queue_blocks,
+            put_timeout_s=put_timeout_s,
         )
 
     # -- properties ---------------------------------------------------------------------
@@ -235,7 +200,7 @@ class ContextStore:
     def _probe(self, tier: Tier, keys: list[BlockKey]) -> list[bool]:
         try:
             return tier.contains_many(keys)
-        except _TIER_FAULTS:
+        except TIER_FAULTS:
             return [False] * len(keys)
 
     def _locate(self, keys: list[BlockKey]) -> list[int | None]:
@@ -283,7 +248,7 @@ class ContextStore:
         for tier in self._tiers:  # a restarted store learns block size from what tiers hold
             try:
                 stats = tier.stats()
-            except _TIER_FAULTS:
+            except TIER_FAULTS:
                 continue
             if stats.blocks:
                 self._block_nbytes = stats.bytes // stats.blocks
@@ -332,7 +297,7 @@ class ContextStore:
         for tier_index, positions in by_tier.items():
             try:
                 values = self._tiers[tier_index].get_many([plan[p][0] for p in positions])
-            except _TIER_FAULTS:
+            except TIER_FAULTS:
                 continue
             for position, value in zip(positions, values, strict=True):
                 if value is not None:
@@ -347,7 +312,7 @@ class ContextStore:
                 continue
             try:
                 data = tier.get(key)
-            except _TIER_FAULTS:
+            except TIER_FAULTS:
                 continue
             if data is None:
                 continue
@@ -365,7 +330,7 @@ class ContextStore:
             return None
 
     def _corrupt(self, key: BlockKey, tier: Tier, chunk: int, error: BlockCorruptError) -> None:
-        with contextlib.suppress(*_TIER_FAULTS):  # a failed delete is re-caught next read
+        with contextlib.suppress(*TIER_FAULTS):  # a failed delete is re-caught next read
             tier.delete(key)
         self._tombstones.corrupt(key, tier.name)
         with self._counters_lock:
@@ -395,14 +360,14 @@ class ContextStore:
             self._promote(key, data, tier_index)
         skips = self._tombstones.pending_skips(key)
         if skips:  # a reused block earns another chance at the tiers that skipped it
-            self._offer(key, data, skips)
+            self._writer.offer(key, data, skips)
 
     def _promote(self, key: BlockKey, data: bytes, source: int) -> None:
         """Copy a block read from a slow tier into every faster one (the first synchronously)."""
-        self._store_in(self._tiers[0], key, data)
+        self._writer.write_now(self._tiers[0], key, data)
         between = self._tiers[1:source]
         if between:
-            self._enqueue(_WriteJob(key, data, between))
+            self._writer.enqueue(WriteJob(key, data, between))
 
     # -- put ----------------------------------------------------------------------------
 
@@ -419,102 +384,21 @@ class ContextStore:
             )
         key = header.key
         self._namespaces.seen(header.namespace)
-        first = self._tiers[0]
-        if self._probe(first, [key])[0]:
+        if self._probe(self._tiers[0], [key])[0]:
             skips = self._tombstones.pending_skips(key)
-            if skips:
-                self._offer(key, encode_block(block), skips)
+            if skips:  # present here, but a lower tier skipped it: this is its next chance
+                self._writer.offer(key, encode_block(block), skips)
             return
         data = encode_block(block)
         self._block_nbytes = len(data)
         with self._counters_lock:
             self._counters.blocks_put += 1
-        self._store_in(first, key, data)
-        self._offer(key, data, dict.fromkeys((tier.name for tier in self._tiers[1:]), None))
+        self._writer.write_now(self._tiers[0], key, data)
+        self._writer.offer_everywhere(key, data)
 
     def put_many(self, blocks: Iterable[KVBlock]) -> None:
         for block in blocks:
             self.put(block)
-
-    def _store_in(self, tier: Tier, key: BlockKey, data: bytes) -> None:
-        """Synchronous write (first tier, promotion); a failing tier costs a miss later."""
-        try:
-            self._store_in_or_raise(tier, key, data)
-        except _TIER_FAULTS as error:
-            self._write_failed(_WriteJob(key, data, (tier,)), error)
-
-    def _offer(self, key: BlockKey, data: bytes, tiers: Mapping[str, SkipReason | None]) -> None:
-        """Queue writes to the lower tiers named in ``tiers`` that admission lets through.
-
-        Tiers that skipped the block for a reason other than admission were admitted
-        before, so they are retried without asking again.
-        """
-        admitted: list[Tier] = []
-        for tier in self._tiers[1:]:
-            if tier.name not in tiers:
-                continue
-            earlier = tiers[tier.name]
-            if earlier not in (None, SkipReason.ADMISSION) or self._admission.admit(key, tier.name):
-                admitted.append(tier)
-            else:
-                self._tombstones.skipped(key, tier.name, SkipReason.ADMISSION)
-                with self._counters_lock:
-                    self._counters.admission_skips += 1
-        if admitted:
-            self._enqueue(_WriteJob(key, data, tuple(admitted)))
-
-    def _enqueue(self, job: _WriteJob) -> None:
-        if self._writer.submit(job, self._put_timeout_s):
-            return
-        for tier in job.tiers:
-            self._tombstones.skipped(job.key, tier.name, SkipReason.QUEUE_FULL)
-        with self._counters_lock:
-            self._counters.queue_drops += 1
-        self._metrics.queue_drops.inc()
-        if self._incident_limit.allow(IncidentKind.WRITE_DROPPED):
-            self._incidents.record(
-                Incident(
-                    kind=IncidentKind.WRITE_DROPPED,
-                    message=(
-                        "write queue full: lower-tier writes are being dropped "
-                        f"(capacity {self._writer.capacity} blocks); reported once a minute"
-                    ),
-                    details={
-                        "key": job.key.hex(),
-                        "tiers": [tier.name for tier in job.tiers],
-                        "capacity": self._writer.capacity,
-                    },
-                )
-            )
-
-    def _write_job(self, job: _WriteJob) -> None:
-        for tier in job.tiers:
-            try:
-                self._store_in_or_raise(tier, job.key, job.data)
-            except Exception as error:
-                self._write_failed(_WriteJob(job.key, job.data, (tier,)), error)
-
-    def _store_in_or_raise(self, tier: Tier, key: BlockKey, data: bytes) -> None:
-        if tier.contains(key):
-            self._tombstones.stored(key, tier.name)
-            return
-        if tier.put(key, data):
-            self._metrics.bytes_written.labels(tier.name).inc(len(data))
-            self._tombstones.stored(key, tier.name)
-
-    def _write_failed(self, job: _WriteJob, error: Exception) -> None:
-        for tier in job.tiers:
-            self._tombstones.skipped(job.key, tier.name, SkipReason.TIER_ERROR)
-        with self._counters_lock:
-            self._counters.write_errors += 1
-        if self._incident_limit.allow("write_error"):
-            self._incidents.record(
-                Incident(
-                    kind=IncidentKind.WRITE_DROPPED,
-                    message=f"lower-tier write failed: {error}; reported once a minute",
-                    details={"key": job.key.hex(), "tiers": [t.name for t in job.tiers]},
-                )
-            )
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued lower-tier writes are done; ``False`` if ``timeout`` ran out."""
@@ -528,60 +412,29 @@ class ContextStore:
         keys = self.chunk_keys(tokens, namespace)
         located = self._locate(keys)
         hits, refused_at = self._usable_prefix(keys, located)
-        hit_tokens = len(hits) * self._chunk_tokens
-
-        def answer(
-            reason: MissReason, chunk: int | None, tier: str | None, detail: str
-        ) -> Explanation:
-            return Explanation(hit_tokens, len(keys), chunk, reason, tier, detail)
-
+        refusal = None
         if refused_at is not None:
             tier_index = located[refused_at]
             assert tier_index is not None
-            tier = self._tiers[tier_index]
-            nbytes = self._typical_block_nbytes()
-            return answer(
-                MissReason.POLICY,
-                refused_at,
-                tier.name,
-                f"chunk {refused_at} is on {tier.name!r}, but reading ~{nbytes} bytes takes "
-                f"{tier.read_cost.seconds(nbytes) * 1e3:.3f} ms while recomputing "
-                f"{self._chunk_tokens} tokens takes "
-                f"{self.cost_model.recompute_seconds(self._chunk_tokens) * 1e3:.3f} ms",
+            tier, nbytes = self._tiers[tier_index], self._typical_block_nbytes()
+            refusal = Refusal(
+                chunk=refused_at,
+                tier=tier.name,
+                nbytes=nbytes,
+                load_s=tier.read_cost.seconds(nbytes),
+                recompute_s=self.cost_model.recompute_seconds(self._chunk_tokens),
+                chunk_tokens=self._chunk_tokens,
             )
-        first_missing = len(hits)
-        if first_missing == len(keys):
-            trailing = len(tokens) - len(keys) * self._chunk_tokens
-            if trailing:
-                return answer(
-                    MissReason.PARTIAL_CHUNK,
-                    len(keys),
-                    None,
-                    f"the last {trailing} tokens do not fill a chunk of {self._chunk_tokens} "
-                    "and partial chunks are never cached",
-                )
-            return answer(MissReason.HIT, None, None, f"all {len(keys)} chunks are cached")
-        from_tombstone = explain_tombstone(
-            self._tombstones.get(keys[first_missing]), [t.name for t in self._tiers]
-        )
-        if from_tombstone is not None:
-            reason, tier_name, detail = from_tombstone
-            return answer(reason, first_missing, tier_name, f"chunk {first_missing}: {detail}")
-        elsewhere = self._find_in_other_namespace(tokens, namespace, first_missing)
-        if elsewhere is not None:
-            tier_name, whom = elsewhere
-            return answer(
-                MissReason.OTHER_NAMESPACE,
-                first_missing,
-                tier_name,
-                f"chunk {first_missing} of these tokens is cached under {whom}, "
-                "which this namespace cannot use",
-            )
-        return answer(
-            MissReason.NEVER_STORED,
-            first_missing,
-            None,
-            f"chunk {first_missing} was never stored here (or was forgotten long ago)",
+        missing = len(hits)
+        return explain_prefix(
+            num_tokens=len(tokens),
+            chunk_tokens=self._chunk_tokens,
+            total_chunks=len(keys),
+            hit_chunks=missing,
+            refusal=refusal,
+            tombstone=self._tombstones.get(keys[missing]) if missing < len(keys) else None,
+            tier_order=[tier.name for tier in self._tiers],
+            find_elsewhere=lambda chunk: self._find_in_other_namespace(tokens, namespace, chunk),
         )
 
     def _find_in_other_namespace(
@@ -625,17 +478,9 @@ class ContextStore:
         with self._counters_lock:
             counters = self._counters
             hits_by_tier = dict(counters.hits_by_tier)
-            snapshot = (
-                counters.lookups,
-                counters.misses,
-                counters.blocks_put,
-                counters.queue_drops,
-                counters.checksum_failures,
-                counters.recompute_decisions,
-                counters.admission_skips,
-                counters.write_errors,
-            )
-        lookups, misses, puts, drops, corrupt, recompute, skips, errors = snapshot
+            lookups, misses, puts = counters.lookups, counters.misses, counters.blocks_put
+            corrupt, recompute = counters.checksum_failures, counters.recompute_decisions
+        writes = self._writer.counters()
         return StoreStats(
             tiers=tier_stats,
             lookups=lookups,
@@ -643,11 +488,11 @@ class ContextStore:
             hits_by_tier=hits_by_tier,
             misses=misses,
             blocks_put=puts,
-            queue_drops=drops,
+            queue_drops=writes.queue_drops,
             checksum_failures=corrupt,
             recompute_decisions=recompute,
-            admission_skips=skips,
-            write_errors=errors,
+            admission_skips=writes.admission_skips,
+            write_errors=writes.write_errors,
             queue_depth=self._writer.depth,
             queue_capacity=self._writer.capacity,
             pinned_blocks=self._pins.pinned_keys,
@@ -658,8 +503,7 @@ class ContextStore:
     def clear(self) -> None:
         """Drop every block from every tier, and queued writes with them; pins stay."""
         self._check_open()
-        with self._writer.paused():
-            self._writer.discard()
+        with self._writer.paused_and_emptied():
             for tier in self._tiers:
                 tier.clear()
             self._tombstones.clear()
@@ -668,12 +512,8 @@ class ContextStore:
         """Flush queued writes (bounded wait), stop the writer, close the tiers."""
         if self._closed:
             return
-        abandoned = self._writer.close(CLOSE_FLUSH_TIMEOUT_S)
+        self._writer.close(CLOSE_FLUSH_TIMEOUT_S)
         self._closed = True
-        if abandoned:
-            with self._counters_lock:
-                self._counters.queue_drops += len(abandoned)
-            self._metrics.queue_drops.inc(len(abandoned))
         for tier in self._tiers:
             tier.close()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -58,7 +59,13 @@ class SkipReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    """The answer to "why did this prompt not hit (further)?"."""
+    """The answer to "why did this prompt not hit (further)?".
+
+    ``first_missing_chunk`` is the index of the first chunk not in the usable cached prefix:
+    ``None`` for ``HIT``, ``total_chunks`` for ``PARTIAL_CHUNK`` (the partial chunk's index).
+    ``tier`` names where the chunk is (``POLICY``, ``OTHER_NAMESPACE``), was last held
+    (``EVICTED``, ``CHECKSUM_FAILURE``) or was skipped (``ADMISSION``, ``WRITE_DROPPED``).
+    """
 
     hit_tokens: int
     total_chunks: int
@@ -271,13 +278,92 @@ def explain_tombstone(
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A cached chunk that load-or-recompute refused, with the numbers behind it."""
+
+    chunk: int
+    tier: str
+    nbytes: int
+    load_s: float
+    recompute_s: float
+    chunk_tokens: int
+
+
+def explain_prefix(
+    *,
+    num_tokens: int,
+    chunk_tokens: int,
+    total_chunks: int,
+    hit_chunks: int,
+    refusal: Refusal | None,
+    tombstone: Tombstone | None,
+    tier_order: list[str],
+    find_elsewhere: Callable[[int], tuple[str, str] | None],
+) -> Explanation:
+    """Turn what a store found about one prompt into an ``Explanation``.
+
+    ``find_elsewhere(chunk)`` returns ``(tier, who)`` when the chunk's tokens are cached
+    under another namespace; it is called only when nothing else explains the miss.
+    """
+    hit_tokens = hit_chunks * chunk_tokens
+
+    def answer(reason: MissReason, chunk: int | None, tier: str | None, detail: str) -> Explanation:
+        return Explanation(hit_tokens, total_chunks, chunk, reason, tier, detail)
+
+    if refusal is not None:
+        return answer(
+            MissReason.POLICY,
+            refusal.chunk,
+            refusal.tier,
+            f"chunk {refusal.chunk} is on {refusal.tier!r}, but reading ~{refusal.nbytes} bytes "
+            f"takes {refusal.load_s * 1e3:.3f} ms while recomputing {refusal.chunk_tokens} "
+            f"tokens takes {refusal.recompute_s * 1e3:.3f} ms",
+        )
+    if hit_chunks == total_chunks:
+        trailing = num_tokens - total_chunks * chunk_tokens
+        if trailing:
+            return answer(
+                MissReason.PARTIAL_CHUNK,
+                total_chunks,
+                None,
+                f"the last {trailing} tokens do not fill a chunk of {chunk_tokens} "
+                "and partial chunks are never cached",
+            )
+        detail = f"all {total_chunks} chunks are cached" if total_chunks else "no tokens"
+        return answer(MissReason.HIT, None, None, detail)
+    missing = hit_chunks
+    from_tombstone = explain_tombstone(tombstone, tier_order)
+    if from_tombstone is not None:
+        reason, tier, detail = from_tombstone
+        return answer(reason, missing, tier, f"chunk {missing}: {detail}")
+    elsewhere = find_elsewhere(missing)
+    if elsewhere is not None:
+        tier, who = elsewhere
+        return answer(
+            MissReason.OTHER_NAMESPACE,
+            missing,
+            tier,
+            f"chunk {missing} of these tokens is cached under {who}, "
+            "which this namespace cannot use",
+        )
+    return answer(
+        MissReason.NEVER_STORED,
+        missing,
+        None,
+        f"chunk {missing} was never stored here (or was forgotten long ago)",
+    )
+
+
 __all__ = [
     "Explanation",
     "MissReason",
     "NamespaceBook",
     "NamespaceInfo",
+    "Refusal",
     "SkipReason",
     "Tombstone",
     "TombstoneBook",
+    "explain_prefix",
     "explain_tombstone",
 ]

@@ -1,12 +1,17 @@
-"""A bounded write-behind queue drained by one named daemon thread.
+"""Writing blocks into tiers: a bounded write-behind queue and the rules around it.
 
-Producers ``submit`` jobs and wait at most a given time for room; when the queue stays full
-the job is refused (the caller counts the drop) so a slow tier can never stall the request
-path. ``flush`` waits until every accepted job is done; ``paused`` holds the worker between
-jobs (to clear tiers without a write landing in the middle); ``close`` flushes and stops.
+``WriteBehindQueue`` is generic: producers ``submit`` jobs and wait at most a given time for
+room; when the queue stays full the job is refused so a slow tier can never stall the
+request path. ``flush`` waits until every accepted job is done; ``paused`` holds the worker
+between jobs (to clear tiers without a write landing in the middle); ``close`` flushes and
+stops. A job whose ``write`` raises is handed to ``on_error`` and the worker carries on.
 
-The queue knows nothing about blocks or tiers: a job is any value, and ``write`` does the
-work. A job whose ``write`` raises is handed to ``on_error`` and the worker carries on.
+``TierWriter`` is what ``ContextStore`` writes through: synchronous writes (first tier,
+promotions), and lower-tier writes offered to the admission policy and queued. Drops,
+admission skips and tier errors are counted, remembered in the ``TombstoneBook`` (so a
+reused block is offered again and ``explain`` can tell) and reported as ``WRITE_DROPPED``
+incidents at most once a minute. It does not decide which tiers are lower or when to
+promote: the store does.
 """
 
 from __future__ import annotations
@@ -15,11 +20,24 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from kvfactory._types import BlockKey
+from kvfactory.errors import StoreError
+from kvfactory.store.explain import SkipReason, TombstoneBook
+from kvfactory.store.policy import AdmissionPolicy
+from kvfactory.store.tiers.base import Tier
+from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
+from kvfactory.telemetry.metrics import StoreMetrics
+
 JobT = TypeVar("JobT")
+INCIDENT_INTERVAL_S = 60.0
+TIER_FAULTS: tuple[type[Exception], ...] = (StoreError, OSError)
+"""Errors that make one tier operation fail softly (a miss, a skipped write), never the
+request: a tier that is down, closed, or cannot write right now."""
 
 
 def _ignore_error(_job: object, _error: Exception) -> None:
@@ -147,4 +165,194 @@ class WriteBehindQueue(Generic[JobT]):
                     self._cond.notify_all()
 
 
-__all__ = ["WriteBehindQueue"]
+@dataclass(frozen=True, slots=True)
+class WriteJob:
+    """One block's bytes bound for one or more tiers."""
+
+    key: BlockKey
+    data: bytes
+    tiers: tuple[Tier, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCounters:
+    queue_drops: int = 0
+    admission_skips: int = 0
+    write_errors: int = 0
+
+
+class _RateLimit:
+    """Lets one event of each kind through per interval (incidents, not per-block spam)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self._interval_s:
+                return False
+            self._last[kind] = now
+            return True
+
+
+class TierWriter:
+    """Synchronous and write-behind block writes for one store, with admission and drops."""
+
+    def __init__(
+        self,
+        lower_tiers: Sequence[Tier],
+        *,
+        admission: AdmissionPolicy,
+        tombstones: TombstoneBook,
+        metrics: StoreMetrics,
+        incidents: IncidentLog,
+        capacity: int,
+        put_timeout_s: float,
+        incident_interval_s: float = INCIDENT_INTERVAL_S,
+    ) -> None:
+        if put_timeout_s < 0:
+            raise ValueError(f"put_timeout_s must be >= 0, got {put_timeout_s}")
+        self._lower = tuple(lower_tiers)
+        self._admission = admission
+        self._tombstones = tombstones
+        self._metrics = metrics
+        self._incidents = incidents
+        self._put_timeout_s = put_timeout_s
+        self._limit = _RateLimit(incident_interval_s)
+        self._counts = {"queue_drops": 0, "admission_skips": 0, "write_errors": 0}
+        self._counts_lock = threading.Lock()
+        self._queue: WriteBehindQueue[WriteJob] = WriteBehindQueue(
+            self._write_job, capacity=capacity, on_error=self._write_failed
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self._queue.capacity
+
+    @property
+    def depth(self) -> int:
+        return self._queue.depth
+
+    def counters(self) -> WriteCounters:
+        with self._counts_lock:
+            return WriteCounters(**self._counts)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] += amount
+
+    def write_now(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+        """Write synchronously unless present; a failing tier is counted, not raised."""
+        try:
+            self._store(tier, key, data)
+        except TIER_FAULTS as error:
+            self._write_failed(WriteJob(key, data, (tier,)), error)
+
+    def offer(self, key: BlockKey, data: bytes, tiers: Mapping[str, SkipReason | None]) -> None:
+        """Queue writes to the lower tiers named in ``tiers`` that admission lets through.
+
+        ``None`` marks a first offer. Tiers that skipped the block for a reason other than
+        admission had admitted it already, so they are retried without asking again.
+        """
+        admitted: list[Tier] = []
+        for tier in self._lower:
+            if tier.name not in tiers:
+                continue
+            earlier = tiers[tier.name]
+            if earlier not in (None, SkipReason.ADMISSION) or self._admission.admit(key, tier.name):
+                admitted.append(tier)
+            else:
+                self._tombstones.skipped(key, tier.name, SkipReason.ADMISSION)
+                self._count("admission_skips")
+        if admitted:
+            self.enqueue(WriteJob(key, data, tuple(admitted)))
+
+    def offer_everywhere(self, key: BlockKey, data: bytes) -> None:
+        self.offer(key, data, dict.fromkeys((tier.name for tier in self._lower), None))
+
+    def enqueue(self, job: WriteJob) -> bool:
+        """Queue ``job`` (bounded wait); a refused job is counted and remembered."""
+        if self._queue.submit(job, self._put_timeout_s):
+            return True
+        self._dropped([job])
+        return False
+
+    def _dropped(self, jobs: list[WriteJob]) -> None:
+        for job in jobs:
+            for tier in job.tiers:
+                self._tombstones.skipped(job.key, tier.name, SkipReason.QUEUE_FULL)
+        self._count("queue_drops", len(jobs))
+        self._metrics.queue_drops.inc(len(jobs))
+        if self._limit.allow(IncidentKind.WRITE_DROPPED):
+            self._incidents.record(
+                Incident(
+                    kind=IncidentKind.WRITE_DROPPED,
+                    message=(
+                        "write queue full or closed: lower-tier writes are being dropped "
+                        f"(capacity {self.capacity} blocks); reported at most once a minute"
+                    ),
+                    details={
+                        "key": jobs[0].key.hex(),
+                        "tiers": [tier.name for tier in jobs[0].tiers],
+                        "capacity": self.capacity,
+                    },
+                )
+            )
+
+    def _write_job(self, job: WriteJob) -> None:
+        for tier in job.tiers:
+            try:
+                self._store(tier, job.key, job.data)
+            except Exception as error:
+                self._write_failed(WriteJob(job.key, job.data, (tier,)), error)
+
+    def _store(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+        if tier.contains(key):
+            self._tombstones.stored(key, tier.name)
+            return
+        if tier.put(key, data):
+            self._metrics.bytes_written.labels(tier.name).inc(len(data))
+            self._tombstones.stored(key, tier.name)
+
+    def _write_failed(self, job: WriteJob, error: Exception) -> None:
+        for tier in job.tiers:
+            self._tombstones.skipped(job.key, tier.name, SkipReason.TIER_ERROR)
+        self._count("write_errors")
+        if self._limit.allow("write_error"):
+            self._incidents.record(
+                Incident(
+                    kind=IncidentKind.WRITE_DROPPED,
+                    message=f"a tier write failed: {error}; reported at most once a minute",
+                    details={"key": job.key.hex(), "tiers": [t.name for t in job.tiers]},
+                )
+            )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self._queue.flush(timeout)
+
+    @contextmanager
+    def paused_and_emptied(self) -> Iterator[None]:
+        """Hold the worker and discard queued writes (to clear tiers under it)."""
+        with self._queue.paused():
+            self._queue.discard()
+            yield
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded), stop the worker; writes it could not finish count as drops."""
+        abandoned = self._queue.close(timeout)
+        if abandoned:
+            self._dropped(abandoned)
+
+
+__all__ = [
+    "INCIDENT_INTERVAL_S",
+    "TIER_FAULTS",
+    "TierWriter",
+    "WriteBehindQueue",
+    "WriteCounters",
+    "WriteJob",
+]
