@@ -160,6 +160,7 @@ class ContextStore:
     # -- keys and lookup ----------------------------------------------------------------
 
     def chunk_keys(self, tokens: TokenIds, namespace: Namespace) -> list[BlockKey]:
+        """Keys of every full chunk (``ValueError`` if the namespace's chunk size differs)."""
         if namespace.chunk_tokens != self._chunk_tokens:
             raise ValueError(
                 f"namespace fingerprint says chunk_tokens={namespace.chunk_tokens}, "
@@ -169,6 +170,8 @@ class ContextStore:
         return keying.chunk_keys(tokens, namespace)
 
     def lookup(self, tokens: TokenIds, namespace: Namespace) -> LookupResult:
+        """The longest cached prefix worth loading: one batched probe per tier, then
+        load-or-recompute. Counts a lookup, its missed chunks and any recompute decision."""
         self._check_open()
         keys = self.chunk_keys(tokens, namespace)
         located = self._locate(keys)
@@ -264,7 +267,10 @@ class ContextStore:
         if isinstance(hits, LookupResult):
             plan = [(hit.key, hit.chunk_index, self._rank.get(hit.tier)) for hit in hits.hits]
         else:
-            plan = [(key, position, None) for position, key in enumerate(hits)]
+            keys = list(hits)
+            located = self._locate(keys)  # batched, so a remote tier sees one round trip
+            held = located.index(None) if None in located else len(keys)
+            plan = [(keys[i], i, located[i]) for i in range(held)]
         prefetched = self._prefetch(plan)
         blocks: list[KVBlock] = []
         for position, (key, chunk_index, tier_index) in enumerate(plan):
