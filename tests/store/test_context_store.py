@@ -348,3 +348,21 @@ def test_open_store_builds_tiers_from_settings(
         assert len(store.lookup(prompt(32), namespace).hits) == 2
     with pytest.raises(ConfigError, match="no context-store tier"):
         open_store(settings.model_copy(update={"memory_bytes": 0, "disk_bytes": 0}))
+
+
+def test_a_failing_lower_tier_costs_hits_not_requests(
+    open_local: OpenStore, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    block_size = len(encode_block(make_blocks(prompt(16), namespace)[0]))
+    store = open_local(memory_bytes=2 * block_size)
+    store.tiers[1].close()  # every disk write now raises
+    tokens = prompt(2 * 16)
+    store.put_many(make_blocks(tokens, namespace))
+    assert store.flush(timeout=10)
+    assert store.stats().write_errors == 2
+    assert len(store.incidents) == 1  # rate limited, not one per block
+
+    store.put_many(make_blocks(prompt(2 * 16, seed=8), namespace))  # evicts the first two
+    explanation = store.explain(tokens, namespace)
+    assert (explanation.reason, explanation.tier) == (MissReason.WRITE_DROPPED, "disk")
+    assert "tier failed" in explanation.detail

@@ -80,3 +80,28 @@ def test_a_block_under_the_wrong_key_is_corrupt(
         loaded = store.load(store.lookup(tokens, namespace))
         assert [b.key for b in loaded] == [blocks[0].key]
         assert len(incidents.recent(kind=IncidentKind.CHECKSUM_FAILURE)) == 1
+
+
+def test_a_good_copy_in_another_tier_replaces_a_corrupt_one(
+    tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    tokens = list(range(3 * 16))
+    blocks = make_blocks(tokens, namespace)
+
+    def tiers() -> list[DiskTier | MemoryTier]:
+        return [
+            MemoryTier(1 << 20),
+            DiskTier(tmp_path / "near", 1 << 24, fsync=False),
+            DiskTier(tmp_path / "far", 1 << 24, name="far", fsync=False),
+        ]
+
+    with ContextStore(tiers(), chunk_tokens=16) as writer:
+        writer.put_many(blocks)
+    flip_payload_byte(tmp_path / "near", blocks[1])
+
+    incidents = IncidentLog()
+    with ContextStore(tiers(), chunk_tokens=16, incidents=incidents) as store:
+        loaded = store.load(store.lookup(tokens, namespace))
+        assert [bytes(b.payload) for b in loaded] == [bytes(b.payload) for b in blocks]
+        assert store.stats().hits_by_tier == {"disk": 2, "far": 1}
+        assert [i.details["tier"] for i in incidents] == ["disk"]
