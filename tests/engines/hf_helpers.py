@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STREAM_TIMEOUT_S = 300.0
+"""A broken scheduler must fail a test, not hang the suite."""
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Context memory keeps the KV cache across requests, sessions and processes.",
@@ -81,4 +84,4 @@ def collect(stream: object) -> tuple[list[int], str, object]:
                 return tokens, text + event.text, event
         raise AssertionError("stream ended without a FinishEvent")
 
-    return asyncio.run(drain())
+    return asyncio.run(asyncio.wait_for(drain(), STREAM_TIMEOUT_S))

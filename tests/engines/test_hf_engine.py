@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_helpers import collect
+from hf_helpers import STREAM_TIMEOUT_S, collect
 
 from kvfactory.config import Settings
 from kvfactory.engines.base import (
@@ -100,7 +100,7 @@ def test_sixteen_concurrent_streams_match_their_solo_runs(engine: HFEngine):
 
         return await asyncio.gather(*(one(i) for i in range(16)))
 
-    results = asyncio.run(run_all())
+    results = asyncio.run(asyncio.wait_for(run_all(), STREAM_TIMEOUT_S))
     for i, (tokens, finish) in enumerate(results):
         assert finish.usage.completion_tokens == len(tokens)
         assert (
@@ -129,6 +129,25 @@ def test_max_tokens_stop_strings_and_seeds(engine: HFEngine):
         for seed in (11, 11, 12)
     ]
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_long_prefill_is_interleaved_with_decoding(tiny_model_dir: Path, tmp_path: Path):
+    eng = HFEngine(tiny_model_dir, settings=settings(tmp_path))  # never started: we drive it
+    short = eng.make_sequence(request(prompt_of(eng, "hi"), "short", max_tokens=6))
+    long_prompt = prompt_of(eng, "a very long document " * 40)
+    assert len(long_prompt) > 12 * CHUNK
+    long = eng.make_sequence(request(long_prompt, "long", max_tokens=2))
+    eng.scheduler.submit(short)
+    eng.scheduler.submit(long)
+    iterations = 0
+    while not long.generated and not long.finished:
+        eng.scheduler.iterate()
+        iterations += 1
+        assert long.computed_tokens == min(len(long_prompt), iterations * CHUNK)
+        if iterations <= len(short.generated):  # one token per iteration until it finishes
+            assert len(short.generated) == iterations
+    assert short.finished and len(short.generated) in range(1, 7)
+    assert iterations == -(-len(long_prompt) // CHUNK)  # one chunk-sized piece per iteration
 
 
 def test_invalid_requests_fail_before_queueing(engine: HFEngine):
@@ -164,7 +183,7 @@ def test_a_failing_request_does_not_affect_others(engine: HFEngine):
             outputs.append([e.token_id async for e in stream if isinstance(e, TokenEvent)])
         return error, outputs
 
-    error, outputs = asyncio.run(run())
+    error, outputs = asyncio.run(asyncio.wait_for(run(), STREAM_TIMEOUT_S))
     assert isinstance(error, GenerationFailedError) and "broken" in str(error)
     assert outputs == [expected, expected]
     assert len(engine.incidents.recent(kind=IncidentKind.ENGINE_ERROR)) == before + 1
@@ -196,7 +215,7 @@ def test_abort_frees_the_slot(tiny_model_dir: Path, tmp_path: Path):
         await eng.shutdown()
         return len(tokens), finish
 
-    count, finish = asyncio.run(run())
+    count, finish = asyncio.run(asyncio.wait_for(run(), STREAM_TIMEOUT_S))
     assert finish.usage.completion_tokens == count
     assert eng.scheduler.running == 0 and eng.scheduler.waiting == 0
     rendered = metrics.render().decode()

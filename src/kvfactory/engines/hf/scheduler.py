@@ -106,7 +106,9 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        # a sequence is marked finished before its FinishEvent is sent, so a consumer that
+        # saw its FinishEvent never counts it here, even before the loop drops it
+        return sum(1 for seq in list(self._running) if not seq.finished)
 
     @property
     def alive(self) -> bool:
@@ -138,9 +140,8 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
-                self._admit()
             try:
-                self.step()
+                self.iterate()
             except Exception:  # a bug in the loop itself must not kill the engine
                 log.exception("scheduler iteration failed")
         self._fail_all(EngineShutdownError("the engine shut down before this request finished"))
@@ -154,8 +155,17 @@ class Scheduler:
             seq.phase = Phase.PREFILL
             self._running.append(seq)
 
-    def step(self) -> None:
-        """One iteration: one step for every running sequence (call with the thread idle)."""
+    def iterate(self) -> None:
+        """One scheduling iteration: admit, then one step for every running sequence.
+
+        The scheduler thread calls this in a loop; tests may call it on a scheduler that was
+        never started, to observe the interleaving deterministically.
+        """
+        with self._cond:
+            self._admit()
+        self._step()
+
+    def _step(self) -> None:
         for seq in list(self._running):
             if seq.aborted:
                 seq.finish("abort")
