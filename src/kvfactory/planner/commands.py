@@ -34,7 +34,7 @@ from kvfactory.planner.report import (
 )
 from kvfactory.planner.specs import parse_duration, parse_size, split_tier
 from kvfactory.planner.trace import MOONCAKE_BLOCK_TOKENS, load_trace
-from kvfactory.store.policy import EVICTION_POLICIES
+from kvfactory.store.policy import DEFAULT_ADMISSION, EVICTION_POLICIES
 
 USAGE_EXIT_CODE = 2
 DEFAULT_SIM_TIERS = ("hbm:10%",)
@@ -94,7 +94,9 @@ def simulate_command(
             help=f"eviction policies to compare (default: all: {', '.join(EVICTION_POLICIES)})"
         ),
     ] = None,
-    admission: Annotated[str, typer.Option(help="admission policy for slow tiers")] = "always",
+    admission: Annotated[
+        str, typer.Option(help="admission policy for slow tiers")
+    ] = DEFAULT_ADMISSION,
     admission_from: Annotated[
         int, typer.Option(help="index of the first tier that consults admission")
     ] = 1,
@@ -134,7 +136,7 @@ def simulate_command(
             evictions=_split_names(eviction),
             admission=admission,
             admission_from=admission_from,
-            hardware=resolve_hardware(hardware) if hardware else None,
+            hardware=None if hardware in (None, "", "none") else resolve_hardware(hardware),
             kv_dtype_bytes=kv_dtype_bytes,
             recompute_s_per_token=parse_duration(recompute) if recompute else None,
             mfu=mfu,

@@ -26,7 +26,7 @@ from kvfactory.planner.trace import (
     check_prefix_chains,
     unique_keys,
 )
-from kvfactory.store.policy import EVICTION_POLICIES
+from kvfactory.store.policy import DEFAULT_ADMISSION, EVICTION_POLICIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class ReplaySetup:
     model: ModelSpec
     evictions: tuple[str, ...] = ()
     """Empty: every registered eviction policy."""
-    admission: str = "always"
+    admission: str = DEFAULT_ADMISSION
     admission_from: int = 1
     hardware: HardwareSpec | None = None
     kv_dtype_bytes: float = 2.0
