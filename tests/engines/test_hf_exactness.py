@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hf_helpers import collect
 
 from kvfactory.config import Settings, load_settings
 from kvfactory.engines.base import GenerationRequest, SamplingParams
 from kvfactory.engines.hf import HFEngine, resolve_model_dir
+from kvfactory.engines.hf.fingerprint import KVGeometry, build_fingerprint
+from kvfactory.engines.hf.kv_blocks import BlockCodec, snapshot_layers
+from kvfactory.engines.hf.runner import ModelRunner, load_tokenizer_from
+from kvfactory.store.codec import decode_block, encode_block
 from kvfactory.store.factory import open_store
-from kvfactory.store.keys import chunk_keys
+from kvfactory.store.keys import Namespace, chunk_keys
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -208,3 +213,38 @@ def test_a_fresh_process_reuses_the_disk_store_exactly(model_dir: Path, tmp_path
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["cached"] == 512
     assert result["tokens"] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_chunk_aligned_warm_logits_are_bit_identical(model_dir: Path, dtype: torch.dtype):
+    """The claim exact mode rests on: KV loaded from blocks plus the remaining chunk-aligned
+    pieces gives exactly the logits (and KV) of a cold chunk-aligned prefill."""
+    runner = ModelRunner.load(model_dir, device=torch.device("cpu"), dtype=dtype)
+    codec = BlockCodec(KVGeometry.from_model_dir(model_dir), CHUNK, dtype)
+    fingerprint = build_fingerprint(
+        model_dir, dtype=str(dtype).removeprefix("torch."), chunk_tokens=CHUNK
+    )
+    namespace = Namespace.create(fingerprint)
+    tokenizer = load_tokenizer_from(model_dir)
+    prompt = tokenizer(DOCUMENT)["input_ids"][: 4 * CHUNK + 21]
+
+    def prefill(cache: Any, start: int) -> torch.Tensor:
+        logits = None
+        for piece in range(start, len(prompt), CHUNK):
+            logits = runner.forward(cache, prompt[piece : piece + CHUNK])
+        assert logits is not None
+        return logits
+
+    cold_cache = runner.new_cache()
+    cold = prefill(cold_cache, 0)
+    keys = chunk_keys(prompt, namespace)
+    blocks = codec.encode(
+        snapshot_layers(cold_cache), namespace=namespace, keys=keys, chunk_indices=range(3)
+    )
+    wire = [decode_block(encode_block(block), expected_key=block.key) for block in blocks]
+    warm_cache = codec.to_cache(wire, runner.config, runner.device)
+    warm = prefill(warm_cache, 3 * CHUNK)
+    assert torch.equal(cold, warm)
+    for cold_layer, warm_layer in zip(cold_cache.layers, warm_cache.layers, strict=True):
+        assert torch.equal(cold_layer.keys, warm_layer.keys)
+        assert torch.equal(cold_layer.values, warm_layer.values)

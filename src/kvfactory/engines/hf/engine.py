@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,6 +80,10 @@ class HFEngine:
         dtype = resolve_dtype(settings.dtype, device)
         configure_threads()
         self.tokenizer = load_tokenizer_from(model_dir)
+        # Rust tokenizers are not safe to share between threads ("Already borrowed"): the
+        # scheduler thread detokenizes with its own copy, callers share one behind a lock
+        self._tokenizer_lock = threading.Lock()
+        self._stream_tokenizer = load_tokenizer_from(model_dir)
         self.runner = ModelRunner.load(model_dir, device=device, dtype=dtype, console=console)
         self.fingerprint: ModelFingerprint = build_fingerprint(
             model_dir,
@@ -157,24 +162,28 @@ class HFEngine:
         return Namespace.create(self.fingerprint, tenant_salt, tenant)
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
-            )
+            with self._tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(
+                    conversation, tokenize=False, add_generation_prompt=True
+                )
         except ValueError as exc:  # no chat template, or one that rejects this conversation
             raise InvalidRequestError(
                 f"cannot apply the chat template: {exc}", param="messages"
             ) from exc
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+        with self._tokenizer_lock:
+            return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_token_ids
@@ -199,7 +208,9 @@ class HFEngine:
             request=request,
             channel=EventChannel(),
             sampler=TokenSampler(request.sampling),
-            text=TextStream.create(self.tokenizer, request.prompt_token_ids, request.sampling.stop),
+            text=TextStream.create(
+                self._stream_tokenizer, request.prompt_token_ids, request.sampling.stop
+            ),
             namespace=namespace,
         )
 

@@ -92,6 +92,9 @@ def ensure_default_model(models_dir: Path, *, console: Console | None = None) ->
     with _file_lock(models_dir / f".{DEFAULT_MODEL_NAME}.lock"):
         if (target / "config.json").is_file():  # another process converted it meanwhile
             return target
+        for stale in models_dir.glob(f".{DEFAULT_MODEL_NAME}.*"):
+            if stale.is_dir():  # scratch of a conversion that was killed; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
         gguf = find_default_gguf()
         convert_gguf(gguf, target, console=console)
     log.info("converted default model %s into %s", gguf.name, target)
