@@ -255,6 +255,21 @@ def test_kill_mid_workload_degrades_to_misses_with_one_incident_then_recovers(
         tier.close()
 
 
+def test_a_restart_nobody_saw_costs_no_miss_and_no_incident(redis_server: RedisServer) -> None:
+    incidents = IncidentLog()
+    tier = RedisTier(redis_server.url, namespace_prefix="r:", incidents=incidents)
+    (key, data), (other, other_data) = make_blocks(2)
+    try:
+        assert tier.put(key, data)
+        redis_server.kill()
+        redis_server.start()  # the pooled connection is now dead, the server is fine
+        assert tier.put(other, other_data)
+        assert tier.get(other) == other_data and tier.get(key) is None
+        assert incidents.recent() == [] and tier.stats().extra["outages"] == 0
+    finally:
+        tier.close()
+
+
 def test_a_hung_server_times_out_then_hits_resume(redis_server: RedisServer) -> None:
     incidents = IncidentLog()
     tier = RedisTier(

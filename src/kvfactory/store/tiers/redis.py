@@ -430,6 +430,8 @@ class RedisTier(Tier):
         client: Client | None = None
         try:
             client = self._connected()
+            # No retry: redis-py already replaces a pooled connection that a server restart
+            # cut (it checks readability on checkout), and any other error is an outage.
             return op(client)
         except OUTAGE_ERRORS as exc:
             self._count(errors=1)
