@@ -1,0 +1,327 @@
+"""Two ``kvfactory serve`` processes sharing one Redis: a prefix computed on A is a hit on B.
+
+Real processes end to end: one throwaway ``redis-server`` on loopback (``scripts/redis.sh``),
+two servers on the real SmolLM2 weights with separate homes (incident logs), memory and disk
+tiers and the same server secret (so one tenant gets the same key namespace on both),
+driven by the ``openai`` client with greedy decoding. The tests share the two servers and
+run in file order: sharing, then a corrupt value in Redis, then Redis killed under load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+redis = pytest.importorskip("redis")
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+MODEL = "SmolLM2-135M-Instruct"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "redis.sh"
+STARTUP_TIMEOUT_S = 300.0  # first use converts the bundled GGUF besides loading
+PREFIX = "kvf:"
+CHUNK_TOKENS = 128
+"""Smaller than the default so short prompts (cheap prefills) still span several chunks."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve_has_store_remote() -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvfactory", "serve", "--help"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    return "--store-remote" in done.stdout
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    incidents: Path
+
+    def incident_kinds(self, tier: str = "remote") -> list[str]:
+        if not self.incidents.is_file():
+            return []
+        lines = self.incidents.read_text(encoding="utf-8").splitlines()
+        found = [json.loads(line) for line in lines if line.strip()]
+        return [i["kind"] for i in found if i.get("details", {}).get("tier") == tier]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=300
+        )
+
+
+@dataclass(frozen=True)
+class RedisProc:
+    """The shared redis-server, started by ``scripts/redis.sh`` (daemonized, pidfile)."""
+
+    port: int
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        subprocess.run(
+            ["bash", str(SCRIPT), "start", str(self.port), str(self.directory)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, every block it held is gone."""
+        pidfile = self.directory / str(self.port) / "redis.pid"
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+            except redis.RedisError:
+                break
+            time.sleep(0.05)
+        client.close()
+        pidfile.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(self.directory)], timeout=60, check=False)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
+    if shutil.which("redis-server") is None:
+        message = "redis-server not on PATH: run `scripts/redis.sh install`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    if not _serve_has_store_remote():
+        pytest.skip("`kvfactory serve` has no --store-remote flag yet")
+    proc = RedisProc(_free_port(), tmp_path_factory.mktemp("redis"))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _default_model_dir() -> str:
+    """The converted embedded model (converted here once if needed), shared by both servers."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from kvfactory.config import load_settings; "
+         "from kvfactory.engines.hf import resolve_model_dir; "
+         "print(resolve_model_dir(load_settings()))"],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _start(name: str, workdir: Path, model_dir: str, redis_url: str) -> Server:
+    port = _free_port()
+    home = workdir / f"home-{name}"
+    log = workdir / f"{name}.log"
+    env = {
+        **os.environ,
+        "KVFACTORY_SERVER_SECRET": "shared-secret",
+        "KVFACTORY_HOME": str(home),
+        # Every block goes to every tier at once, so one request shares a prompt (the
+        # default, second_hit, would need a second one; admission is tested elsewhere).
+        "KVFACTORY_ADMISSION": "always",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [
+        sys.executable, "-m", "kvfactory", "serve", "--port", str(port), "--model", model_dir,
+        "--store-dir", str(home / "store"), "--memory-bytes", "256MiB",
+        "--disk-bytes", "512MiB", "--chunk-tokens", str(CHUNK_TOKENS), "--store-remote", redis_url,
+        "--log-level", "warning",
+    ]  # fmt: skip
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    return Server(name, f"http://127.0.0.1:{port}", process, log, home / "incidents.jsonl")
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"server {server.name} exited:\n{server.log.read_text()}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server {server.name} not healthy:\n{server.log.read_text()}")
+        time.sleep(0.5)
+
+
+def _stop(server: Server) -> None:
+    server.process.send_signal(signal.SIGINT)
+    try:
+        server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, shared_redis: RedisProc
+) -> Iterator[tuple[Server, Server]]:
+    workdir = tmp_path_factory.mktemp("servers")
+    model_dir = _default_model_dir()
+    both = [_start(name, workdir, model_dir, shared_redis.url) for name in ("a", "b")]
+    try:
+        for server in both:
+            _wait_healthy(server)
+        yield both[0], both[1]
+    finally:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(_stop, both))
+
+
+def _messages(topic: str) -> list[dict[str, str]]:
+    """A prompt of about 360 tokens (two full chunks and more) about ``topic``."""
+    facts = " ".join(f"Fact {i}: {topic} {i} holds {5 * i + 2} apples." for i in range(32))
+    return [
+        {"role": "system", "content": facts},
+        {"role": "user", "content": f"How many apples does {topic} 9 hold?"},
+    ]
+
+
+def _ask(server: Server, messages: list[dict[str, str]]) -> tuple[str, int]:
+    """Greedy answer and cached prompt tokens."""
+    reply = server.client().chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.usage is not None and reply.usage.prompt_tokens >= 2 * CHUNK_TOKENS
+    details = reply.usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else 0
+    return reply.choices[0].message.content or "", cached or 0
+
+
+def _share_via_redis(server: Server, messages: list[dict[str, str]], redis_proc: RedisProc) -> str:
+    """Have ``server`` compute ``messages`` until its blocks are in Redis; its answer."""
+    client = redis_proc.client()
+    try:
+        before = len(list(client.scan_iter(match=PREFIX + "*", count=1000)))
+        answer, _ = _ask(server, messages)
+        deadline = time.monotonic() + 60
+        asked_at = time.monotonic()
+        # The write-behind queue takes the blocks to Redis shortly; a write the tier could
+        # not make yet (it was reconnecting) is offered again when the prompt is reused.
+        while len(list(client.scan_iter(match=PREFIX + "*", count=1000))) < before + 2:
+            assert time.monotonic() < deadline, f"{server.name}'s blocks never reached Redis"
+            if time.monotonic() - asked_at > 5:
+                assert _ask(server, messages)[0] == answer
+                asked_at = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        client.close()
+    return answer
+
+
+def test_prefix_computed_on_one_server_is_a_hit_on_the_other(
+    servers: tuple[Server, Server], shared_redis: RedisProc
+) -> None:
+    first, second = servers
+    messages = _messages("crate")
+    answer = _share_via_redis(first, messages, shared_redis)
+    shared, cached = _ask(second, messages)
+    assert cached >= 2 * CHUNK_TOKENS and cached % CHUNK_TOKENS == 0
+    assert shared == answer
+
+
+def test_corrupt_value_in_redis_is_a_miss_with_identical_output(
+    servers: tuple[Server, Server], shared_redis: RedisProc
+) -> None:
+    first, second = servers
+    messages = _messages("barrel")
+    client = shared_redis.client()
+    known = set(client.scan_iter(match=PREFIX + "*", count=1000))
+    answer = _share_via_redis(first, messages, shared_redis)
+    for name in set(client.scan_iter(match=PREFIX + "*", count=1000)) - known:
+        middle = client.strlen(name) // 2  # a payload byte of each new block
+        client.setrange(name, middle, bytes([client.getrange(name, middle, middle)[0] ^ 0xFF]))
+    client.close()
+    recomputed, cached = _ask(second, messages)
+    assert recomputed == answer
+    assert cached == 0
+    assert "checksum_failure" in second.incident_kinds()
+
+
+def _wait_for_incident(server: Server, kind: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while kind not in server.incident_kinds():
+        assert time.monotonic() < deadline, (server.name, kind, server.incident_kinds())
+        time.sleep(0.2)
+
+
+def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(
+    servers: tuple[Server, Server], shared_redis: RedisProc
+) -> None:
+    first, second = servers
+    expected = {topic: _ask(first, _messages(topic))[0] for topic in ("crate", "box")}
+    stop_at = time.monotonic() + 8
+
+    def load(server: Server) -> int:
+        served = 0
+        while time.monotonic() < stop_at:
+            for topic, answer in expected.items():
+                assert _ask(server, _messages(topic))[0] == answer
+                served += 1
+        return served
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(load, server) for server in servers]
+        time.sleep(2)
+        shared_redis.kill()
+        served = [job.result() for job in running]  # re-raises any failed request
+    assert min(served) >= 2
+
+    # While Redis is down, prompts never seen before make each server's lookup reach for
+    # the remote tier: served from scratch, and the outage is recorded once per server.
+    for server, topic in zip(servers, ("tub", "bin"), strict=True):
+        _, cached = _ask(server, _messages(topic))
+        assert cached == 0
+        assert server.incident_kinds().count("tier_down") == 1, server.incident_kinds()
+
+    shared_redis.start()  # same port, empty
+    for server in servers:  # each reconnects on its own (background probe with backoff)
+        _wait_for_incident(server, "tier_recovered")
+    messages = _messages("sack")
+    answer = _share_via_redis(first, messages, shared_redis)
+    shared, cached = _ask(second, messages)
+    assert cached >= 2 * CHUNK_TOKENS and shared == answer
+    for server in servers:
+        kinds = server.incident_kinds()
+        assert kinds.count("tier_down") == 1 and kinds.count("tier_recovered") == 1, kinds
