@@ -13,22 +13,29 @@ Compared, each as the best of ``--repeats`` timed passes over the same blocks:
 * ``redis-benchmark`` (C client, same value size) where it is installed, as a ceiling.
 
 Target: each tier path reaches >= 60% of the matching raw redis-py path. Prints GB/s, ratios
-and PASS/FAIL; exits non-zero on FAIL. TTFT of a 4k-token prompt served from the remote tier
-needs the server (``kvfactory serve --store-remote``) and is not measured here yet.
+and PASS/FAIL; exits non-zero on FAIL. Then, when ``kvfactory serve`` has ``--store-remote``,
+the TTFT of a 4k-token context served from the remote tier on a second server vs recomputing
+it (see ``measure_ttft``); ``--ttft-shots 0`` skips that part.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import shlex
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import redis
 from redis.utils import HIREDIS_AVAILABLE
@@ -183,10 +190,114 @@ def measure(url: str, port: int | None, blocks: list[tuple[BlockKey, bytes]], re
     print(
         f"overall: {'PASS' if ok else 'FAIL'} (target: RedisTier >= {TARGET:.0%} of raw redis-py)"
     )
-    print(
-        "TTFT of a 4k-token prompt from the remote tier vs recompute: not measured (needs the server)"
-    )
     return ok
+
+
+# -- TTFT through real servers ------------------------------------------------------------
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    return shlex.split(args.serve) if args.serve else [sys.executable, "-m", "kvfactory", "serve"]
+
+
+def serve_has_store_remote(command: list[str]) -> bool:
+    done = subprocess.run(
+        [*command, "--help"], capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    return "--store-remote" in done.stdout
+
+
+@contextlib.contextmanager
+def server(command: list[str], flags: list[str], log: Path, env: dict[str, str]) -> Iterator[str]:
+    """A running ``kvfactory serve``; yields its base URL, stops it with SIGINT."""
+    port = _free_port()
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(
+            [*command, "--port", str(port), *flags], stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited ({process.returncode}); see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after 600 s; see {log}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure_ttft(args: argparse.Namespace, redis_url: str) -> None:
+    """TTFT of a 4k-token context loaded from the remote tier vs recomputing it.
+
+    Server A fills Redis; server B (own memory and disk, same Redis and secret) then serves
+    the same context with a new question, its blocks coming from Redis only. Recompute is
+    the faster of B's cold exact prefill and a ``--fast --no-reuse`` server's cold path,
+    so the gain is never inflated by a slow baseline.
+    """
+    command = serve_command(args)
+    if not serve_has_store_remote(command):
+        print("TTFT from the remote tier: not measured (`kvfactory serve` has no --store-remote)")
+        return
+    import ttft_reuse as shots  # the prompt builder and streaming probe of the TTFT benchmark
+
+    prompts = shots.Prompts()
+    workdir = Path(tempfile.mkdtemp(prefix="kvf-remote-ttft-"))
+    env = {
+        **os.environ,
+        "KVFACTORY_ADMISSION": "always",
+        "KVFACTORY_SERVER_SECRET": "remote-ttft-benchmark",
+        "HF_HUB_OFFLINE": "1",
+    }
+    sizes = ["--memory-bytes", "2GiB", "--disk-bytes", "4GiB", "--log-level", "warning"]
+    remote = ["--store-remote", redis_url]
+    log = workdir / "servers.log"
+    names = redis.Redis.from_url(redis_url)
+    cold, fast, warm = [], [], []
+    with (
+        server(command, [*sizes, *remote, "--store-dir", str(workdir / "a")], log, env) as a,
+        server(command, [*sizes, *remote, "--store-dir", str(workdir / "b")], log, env) as b,
+        server(command, ["--fast", "--no-reuse", "--log-level", "warning"], log, env) as c,
+    ):
+        clients = [shots._client(base) for base in (a, b, c)]
+        for client in clients:  # first-request costs (threads, allocator) are not TTFT
+            shots.stream_completion(client, prompts.context("warmup", 64))
+        for i in range(args.ttft_shots):
+            fresh = prompts.context(f"cold-{i}", 4096) + prompts.question(f"cold-{i}")
+            cold.append(shots.stream_completion(clients[1], fresh))
+            fast.append(shots.stream_completion(clients[2], fresh))
+            context = prompts.context(f"shared-{i}", 4096)
+            before = sum(1 for _ in names.scan_iter(match="kvf:*", count=1000))
+            shots.stream_completion(clients[0], context + prompts.question(f"a-{i}"))
+            deadline = time.monotonic() + 120
+            while sum(1 for _ in names.scan_iter(match="kvf:*", count=1000)) < before + 16:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server A's blocks did not reach Redis")
+                time.sleep(0.1)
+            warm.append(shots.stream_completion(clients[1], context + prompts.question(f"b-{i}")))
+    names.close()
+    recompute = min(
+        statistics.median(s.ttft_s for s in cold), statistics.median(s.ttft_s for s in fast)
+    )
+    from_remote = statistics.median(s.ttft_s for s in warm)
+    print(f"TTFT, {warm[0].prompt_tokens}-token prompt, median of {args.ttft_shots}:")
+    print(f"  recompute, exact prefill      {statistics.median(s.ttft_s for s in cold):8.3f} s")
+    print(f"  recompute, fast (no store)    {statistics.median(s.ttft_s for s in fast):8.3f} s")
+    print(
+        f"  from the remote tier          {from_remote:8.3f} s  (cached {warm[0].cached_tokens} tokens)"
+    )
+    print(f"  remote / best recompute       {from_remote / recompute:8.3f}")
 
 
 def main() -> int:
@@ -194,11 +305,18 @@ def main() -> int:
     parser.add_argument("--url", help="an existing Redis/Valkey; default: start one on loopback")
     parser.add_argument("--blocks", type=int, default=32, help="blocks per pass (5.9 MB each)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ttft-shots", type=int, default=3, help="0 skips the TTFT part")
+    parser.add_argument(
+        "--serve", help="command that runs `kvfactory serve` (default: this Python)"
+    )
     args = parser.parse_args()
     print(f"building {args.blocks} blocks ...", flush=True)
     blocks = make_blocks(args.blocks)
     if args.url:
-        return 0 if measure(args.url, None, blocks, args.repeats) else 1
+        ok = measure(args.url, None, blocks, args.repeats)
+        if args.ttft_shots:
+            measure_ttft(args, args.url)
+        return 0 if ok else 1
     with tempfile.TemporaryDirectory(prefix="kvf-redis-bench-") as directory:
         port = _free_port()
         subprocess.run(["bash", str(SCRIPT), "install"], check=True)
@@ -207,7 +325,10 @@ def main() -> int:
             check=True, capture_output=True, text=True,
         ).stdout.strip()  # fmt: skip
         try:
-            return 0 if measure(url, port, blocks, args.repeats) else 1
+            ok = measure(url, port, blocks, args.repeats)
+            if args.ttft_shots:
+                measure_ttft(args, url)
+            return 0 if ok else 1
         finally:
             subprocess.run(["bash", str(SCRIPT), "stop", directory], check=False)
 
