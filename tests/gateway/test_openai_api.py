@@ -115,19 +115,19 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
 def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
     messages = _ask("Name three colors.")
     whole = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=12, temperature=0, extra_body={"junk": 1}
+        model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"junk": 1}
     )
     assert whole.id.startswith("chatcmpl-")
     assert whole.object == "chat.completion" and whole.model == MODEL
     choice = whole.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
-    assert whole.usage is not None and whole.usage.completion_tokens <= 12
+    assert whole.usage is not None and whole.usage.completion_tokens <= 8
     assert whole.usage.prompt_tokens > 0
 
     stream = client.chat.completions.create(
         model=MODEL,
         messages=messages,
-        max_tokens=12,
+        max_tokens=8,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
@@ -178,10 +178,10 @@ def test_repeated_long_prompt_reuses_kv_with_identical_output(
         httpx.get(server.base_url + "/metrics").text, "kvfactory_cached_prompt_tokens_total"
     )
     first = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=16, temperature=0
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
     )
     second = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=16, temperature=0
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
     )
     assert first.usage is not None and second.usage is not None
     assert first.usage.prompt_tokens >= 700
@@ -213,7 +213,7 @@ def test_sixteen_concurrent_streams_all_complete(server: Server) -> None:
         stream = async_free_client.chat.completions.create(
             model=MODEL,
             messages=_ask(f"Count from {i} to {i + 5}."),
-            max_tokens=16,
+            max_tokens=8,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
@@ -230,7 +230,7 @@ def test_sixteen_concurrent_streams_all_complete(server: Server) -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         results = list(pool.map(one, range(16)))
     for text, finish, completion in results:
-        assert text and finish in ("stop", "length") and 1 <= completion <= 16
+        assert text and finish in ("stop", "length") and 1 <= completion <= 8
 
 
 ERROR_CASES = [
@@ -248,14 +248,14 @@ def test_bad_requests_get_openai_errors_and_spare_a_stream_in_flight(
 ) -> None:
     messages = _ask("Write a short poem about the sea.")
     reference = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=40, temperature=0
+        model=MODEL, messages=messages, max_tokens=24, temperature=0
     )
     streamed: list[str] = []
     first_chunk = threading.Event()
 
     def stream_in_background() -> None:
         for chunk in client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=40, temperature=0, stream=True
+            model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True
         ):
             first_chunk.set()
             streamed.extend(c.delta.content or "" for c in chunk.choices)
