@@ -1,7 +1,8 @@
-"""A failure in the middle of a stream ends it with an explicit error event, never silently.
+"""Engine failures as clients see them, in-process on the real engine (SmolLM2 weights).
 
-Runs the gateway in-process on the real engine (SmolLM2 weights) and makes the engine fail
-for real while it streams: it is shut down under a running sequence.
+* A failure in the middle of a stream ends it with an explicit error event and ``[DONE]``,
+  never silently: the engine is shut down under a running sequence.
+* A full engine queue is a 429 with ``Retry-After`` in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -64,4 +65,43 @@ def test_engine_failure_mid_stream_ends_with_error_event_and_done() -> None:
     assert all(chunk["choices"][0]["finish_reason"] is None for chunk in tokens)
     assert [i.kind for i in incidents] == [IncidentKind.ENGINE_ERROR]
     status = {"model": engine.model_name, "status": "error"}
+    assert metrics.registry.get_sample_value("kvfactory_requests_total", status) == 1.0
+
+
+async def _overload(engine: HFEngine, metrics: Metrics) -> httpx.Response:
+    app = create_app([engine], metrics=metrics)
+    await engine.start()
+    body = {
+        "model": engine.model_name,
+        "messages": [{"role": "user", "content": "Tell a very long story about the sea."}],
+        "max_tokens": 4000,
+        "stream": True,
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        busy = [
+            asyncio.create_task(client.post("/v1/chat/completions", json=body, timeout=300))
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 120
+        while (engine.health()["running"], engine.health()["waiting"]) != (1, 1):
+            assert time.monotonic() < deadline, f"queue never filled: {engine.health()}"
+            await asyncio.sleep(0.05)
+        rejected = await client.post("/v1/chat/completions", json={**body, "stream": False})
+        await engine.shutdown()  # ends the two busy requests
+        await asyncio.gather(*busy)
+    return rejected
+
+
+def test_full_queue_is_a_429_with_retry_after() -> None:
+    metrics = Metrics()
+    settings = Settings(reuse=False, device="cpu", max_batch=1, max_queue=1)
+    engine = HFEngine.from_settings(settings, store=None, metrics=metrics, incidents=IncidentLog())
+    response = asyncio.run(_overload(engine, metrics))
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "overloaded")
+    assert "retry" in error["message"]
+    status = {"model": engine.model_name, "status": "overloaded"}
     assert metrics.registry.get_sample_value("kvfactory_requests_total", status) == 1.0
