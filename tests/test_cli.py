@@ -70,6 +70,7 @@ def test_settings_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
         (["serve"], {"KVFACTORY_DISK_BYTES": "much"}, "KVFACTORY_DISK_BYTES"),
         (["serve", "--model", "/nonexistent/model"], {}, "model folder not found"),
         (["store", "explain"], {}, "--file"),
+        (["serve", "--store-remote", "ftp://cache:1"], {}, "ftp://cache:1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(

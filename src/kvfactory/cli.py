@@ -162,6 +162,13 @@ def serve(
     memory_bytes: MemoryOpt = None,
     disk_bytes: DiskOpt = None,
     chunk_tokens: ChunkOpt = None,
+    store_remote: Annotated[
+        str | None,
+        typer.Option(
+            "--store-remote",
+            help="Shared tier after disk: redis://, valkey:// or redis+cluster://h1:p1,h2:p2.",
+        ),
+    ] = None,
     reuse: Annotated[
         bool | None, typer.Option("--reuse/--no-reuse", help="Use the context store.")
     ] = None,
@@ -183,6 +190,7 @@ def serve(
             "memory_bytes": memory_bytes,
             "disk_bytes": disk_bytes,
             "chunk_tokens": chunk_tokens,
+            "remote_url": store_remote,
             "reuse": reuse,
             "exact_prefill": exact,
             "log_level": log_level,
@@ -207,13 +215,19 @@ def run_server(settings: Settings) -> None:
     metrics = Metrics()
     incidents = IncidentLog(settings.home / "incidents.jsonl")
     tenants = TenantResolver.from_env(settings.home)
+    remote = _remote_tiers(settings, incidents)  # a bad URL fails before anything loads
     # Resolve (and on first use convert) the model before touching the store, so a bad
     # --model fails fast and leaves no store folder behind.
     model_dir = resolve_model_dir(settings, console=console)
     log.info("loading model %s from %s", settings.served_model_name or model_dir.name, model_dir)
     store = None
     if settings.reuse:
-        store = open_store(settings, metrics=metrics.store, incidents=incidents)
+        store = open_store(
+            settings,
+            metrics=metrics.store,
+            incidents=incidents,
+            extra_tiers=remote,
+        )
         _log_store(log, settings, store.stats().tiers)
     else:
         log.info("context store off (--no-reuse): every prompt is prefilled from scratch")
@@ -245,6 +259,22 @@ def run_server(settings: Settings) -> None:
     finally:
         if store is not None:
             store.close()
+
+
+def _remote_tiers(settings: Settings, incidents: Any) -> list[Any]:
+    """The shared tier named by ``settings.remote_url`` (none when unset)."""
+    if settings.remote_url is None:
+        return []
+    try:
+        from kvfactory.store.tiers.redis import RedisTier
+    except ImportError as exc:
+        raise ConfigError(
+            f"--store-remote needs the redis client: pip install 'kvfactory[redis]' ({exc})"
+        ) from exc
+    try:
+        return [RedisTier(settings.remote_url, incidents=incidents)]
+    except ValueError as exc:
+        raise ConfigError(f"invalid --store-remote URL: {exc}") from exc
 
 
 def _log_store(log: logging.Logger, settings: Settings, tiers: Sequence[Any]) -> None:
