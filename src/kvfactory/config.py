@@ -106,7 +106,9 @@ def load_settings(
     """Merge defaults < file < env < overrides; ``None`` overrides are ignored."""
     env = os.environ if env is None else env
     merged: dict[str, Any] = {}
-    file_path = config_file or (Path(env["KVFACTORY_CONFIG"]) if "KVFACTORY_CONFIG" in env else None)
+    file_path = config_file or (
+        Path(env["KVFACTORY_CONFIG"]) if "KVFACTORY_CONFIG" in env else None
+    )
     if file_path is not None:
         merged.update(_read_file(file_path))
     merged.update(_read_env(env))

@@ -40,15 +40,11 @@ class SamplingParams:
                 param="temperature",
             )
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(
-                f"top_p must be in (0, 1], got {self.top_p}", param="top_p"
-            )
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", param="top_k")
         if len(self.stop) > 4 or any(not s for s in self.stop):
-            raise InvalidRequestError(
-                "stop must be at most 4 non-empty strings", param="stop"
-            )
+            raise InvalidRequestError("stop must be at most 4 non-empty strings", param="stop")
 
     @property
     def greedy(self) -> bool:

@@ -43,7 +43,9 @@ class Namespace:
     def create(
         cls, fingerprint: ModelFingerprint, tenant_salt: bytes = b"", tenant: str = "default"
     ) -> Namespace:
-        return cls(fingerprint=fingerprint, id=namespace_id(fingerprint, tenant_salt), tenant=tenant)
+        return cls(
+            fingerprint=fingerprint, id=namespace_id(fingerprint, tenant_salt), tenant=tenant
+        )
 
     @property
     def chunk_tokens(self) -> int:

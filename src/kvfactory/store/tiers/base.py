@@ -96,7 +96,7 @@ class Tier(ABC):
     @abstractmethod
     def clear(self) -> None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most tiers hold nothing to release
         """Release resources; the tier must not be used afterwards."""
 
     def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
