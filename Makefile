@@ -10,7 +10,8 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit bench-store bench-ttft clean install-serve install-dev
+.PHONY: serve serve-shared test lint typecheck redis-server bench bench-store bench-ttft bench-remote \
+	bench-simulate clean install-serve install-dev
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +30,20 @@ $(VENV)/.dev: $(VENV)/.serve pyproject.toml
 	$(PIP) install -q -e '.[engines,server,redis,postgres,bench,dev]'
 	touch $@
 
+# Debian's redis-server for the shared-tier tests and demo (apt-get; skipped when on PATH).
+redis-server:
+	bash scripts/redis.sh install
+
 install-serve: $(VENV)/.serve
 install-dev: $(VENV)/.dev
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/kvfactory serve --host $(HOST) --port $(PORT)
+
+# Two servers on :8000 and :8001 sharing one Redis as the remote KV tier.
+serve-shared: $(VENV)/.serve redis-server
+	$(PIP) install -q -e '.[engines,server,redis]'
+	bash scripts/serve_shared.sh
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -42,7 +52,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev lint typecheck
+test: $(VENV)/.dev redis-server lint typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench-store: $(VENV)/.dev
@@ -51,5 +61,13 @@ bench-store: $(VENV)/.dev
 bench-ttft: $(VENV)/.dev
 	$(PY) benchmarks/ttft_reuse.py
 
+bench-remote: $(VENV)/.dev redis-server
+	$(PY) benchmarks/remote_tier.py
+
+bench-simulate: $(VENV)/.dev
+	$(PY) benchmarks/simulate_policies.py
+
+bench: bench-store bench-simulate bench-remote bench-ttft
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .shared-demo

@@ -7,16 +7,19 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import MakeBlocks
 from kvfactory.cli import build_settings, main, parse_size
 from kvfactory.config import Settings
 from kvfactory.errors import ConfigError
+from kvfactory.store.codec import KVBlock
 from kvfactory.store.factory import open_store
 from kvfactory.store.keys import Namespace
+
+MakeBlocks = Callable[..., list[KVBlock]]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
+from kvfactory.planner.commands import register as register_planner_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes")
 USAGE_EXIT_CODE = 2
@@ -131,6 +132,7 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Inspect and manage the context store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+register_planner_commands(app)
 
 
 def _stderr() -> Console:

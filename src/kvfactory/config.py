@@ -45,7 +45,9 @@ class Settings(BaseModel):
     disk_bytes: int = Field(default=20 * GiB, ge=0, description="disk tier budget")
     chunk_tokens: int = Field(default=256, ge=16, le=65536)
     eviction: str = "prefix_lru"
-    admission: str = "second_hit"
+    admission: str = Field(
+        default="always", description="which blocks go below memory: always | second_hit"
+    )
     write_queue_blocks: int = Field(default=256, ge=1)
     reuse: bool = Field(default=True, description="consult and fill the context store")
     exact_prefill: bool = Field(

@@ -40,7 +40,7 @@ class AdmissionPolicy(Protocol):
 
 
 DEFAULT_EVICTION = "prefix_lru"
-DEFAULT_ADMISSION = "second_hit"
+DEFAULT_ADMISSION = "always"
 
 EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy,

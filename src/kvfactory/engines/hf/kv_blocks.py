@@ -9,6 +9,7 @@ store's tiers or where keys come from.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,11 @@ class BlockCodec:
         return blocks
 
     def decode(self, block: KVBlock, *, expected_index: int) -> torch.Tensor:
-        """The tensor of one block; ``BlockCorruptError`` when it cannot be ours."""
+        """The tensor of one block (a private copy); ``BlockCorruptError`` when not ours."""
+        return self._view(block, expected_index=expected_index).clone()
+
+    def _view(self, block: KVBlock, *, expected_index: int) -> torch.Tensor:
+        """A read-only tensor over the block's payload, after checking it can be ours."""
         header = block.header
         if header.dtype != self.dtype_name or DTYPES.get(header.dtype) != self.dtype:
             raise BlockCorruptError(f"block dtype {header.dtype}, engine uses {self.dtype_name}")
@@ -112,25 +117,57 @@ class BlockCodec:
             raise BlockCorruptError(
                 f"block payload has {len(block.payload)} bytes, expected {expected_bytes}"
             )
-        # bytearray: torch must own writable memory (store payloads may be read-only views)
-        raw = torch.frombuffer(bytearray(block.payload), dtype=torch.uint8)
+        with warnings.catch_warnings():
+            # Store payloads are immutable bytes; the view is only ever read from.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            raw = torch.frombuffer(block.payload, dtype=torch.uint8)
         return raw.view(self.dtype).reshape(self.shape)
 
     def to_cache(self, blocks: Sequence[KVBlock], config: Any, device: torch.device) -> Any:
-        """A ``DynamicCache`` holding the KV of ``blocks`` (chunks 0..n-1, in order)."""
+        """A ``DynamicCache`` holding the KV of ``blocks`` (chunks 0..n-1, in order).
+
+        Each payload is copied once, straight into per-layer tensors of the final size:
+        a multi-thousand-token context is hundreds of MB, and every extra pass shows in TTFT.
+        """
         from transformers import DynamicCache
 
         cache = DynamicCache(config=config)
         if not blocks:
             return cache
-        full = torch.cat(
-            [self.decode(block, expected_index=i) for i, block in enumerate(blocks)], dim=3
-        ).to(device)
-        for layer_index in range(self.geometry.num_layers):
-            keys = full[layer_index, 0].unsqueeze(0).contiguous()
-            values = full[layer_index, 1].unsqueeze(0).contiguous()
-            cache.update(keys, values, layer_index)
+        geometry = self.geometry
+        total = len(blocks) * self.chunk_tokens
+        layer_shape = (1, geometry.num_kv_heads, total, geometry.head_dim)
+        keys = [
+            torch.empty(layer_shape, dtype=self.dtype, device=device)
+            for _ in range(geometry.num_layers)
+        ]
+        values = [
+            torch.empty(layer_shape, dtype=self.dtype, device=device)
+            for _ in range(geometry.num_layers)
+        ]
+        for index, block in enumerate(blocks):
+            chunk = self._view(block, expected_index=index)
+            start = index * self.chunk_tokens
+            end = start + self.chunk_tokens
+            for layer_index in range(geometry.num_layers):
+                keys[layer_index][0, :, start:end, :].copy_(chunk[layer_index, 0])
+                values[layer_index][0, :, start:end, :].copy_(chunk[layer_index, 1])
+        for layer_index in range(geometry.num_layers):
+            _adopt(cache, layer_index, keys[layer_index], values[layer_index])
         return cache
+
+
+def _adopt(cache: Any, layer_index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``keys``/``values`` the layer's state without the copy ``update`` would make
+    (``DynamicLayer.update`` concatenates onto an empty tensor)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_index < len(layers):
+        layer = layers[layer_index]
+        if not layer.is_initialized:
+            layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return
+    cache.update(keys, values, layer_index)
 
 
 __all__ = ["BlockCodec", "LayerKV", "snapshot_layers", "supports_block_reuse"]
