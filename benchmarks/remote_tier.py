@@ -21,26 +21,23 @@ it (see ``measure_ttft``); ``--ttft-shots 0`` skips that part.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import redis
 from redis.utils import HIREDIS_AVAILABLE
 
 from kvfactory._types import BlockKey, ModelFingerprint
+from kvfactory.bench.servers import free_port, running_server
 from kvfactory.store.codec import BlockHeader, KVBlock, encode_block
 from kvfactory.store.keys import Namespace, chunk_keys
 from kvfactory.store.tiers.redis import RedisTier
@@ -196,48 +193,6 @@ def measure(url: str, port: int | None, blocks: list[tuple[BlockKey, bytes]], re
 # -- TTFT through real servers ------------------------------------------------------------
 
 
-def serve_command(args: argparse.Namespace) -> list[str]:
-    return shlex.split(args.serve) if args.serve else [sys.executable, "-m", "kvfactory", "serve"]
-
-
-def serve_has_store_remote(command: list[str]) -> bool:
-    done = subprocess.run(
-        [*command, "--help"], capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    return "--store-remote" in done.stdout
-
-
-@contextlib.contextmanager
-def server(command: list[str], flags: list[str], log: Path, env: dict[str, str]) -> Iterator[str]:
-    """A running ``kvfactory serve``; yields its base URL, stops it with SIGINT."""
-    port = _free_port()
-    with open(log, "ab") as sink:
-        process = subprocess.Popen(
-            [*command, "--port", str(port), *flags], stdout=sink, stderr=subprocess.STDOUT, env=env
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited ({process.returncode}); see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after 600 s; see {log}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def measure_ttft(args: argparse.Namespace, redis_url: str) -> None:
     """TTFT of a 4k-token context loaded from the remote tier vs recomputing it.
 
@@ -246,17 +201,12 @@ def measure_ttft(args: argparse.Namespace, redis_url: str) -> None:
     the faster of B's cold exact prefill and a ``--fast --no-reuse`` server's cold path,
     so the gain is never inflated by a slow baseline.
     """
-    command = serve_command(args)
-    if not serve_has_store_remote(command):
-        print("TTFT from the remote tier: not measured (`kvfactory serve` has no --store-remote)")
-        return
     import ttft_reuse as shots  # the prompt builder and streaming probe of the TTFT benchmark
 
     prompts = shots.Prompts()
     workdir = Path(tempfile.mkdtemp(prefix="kvf-remote-ttft-"))
     env = {
         **os.environ,
-        "KVFACTORY_ADMISSION": "always",
         "KVFACTORY_SERVER_SECRET": "remote-ttft-benchmark",
         "HF_HUB_OFFLINE": "1",
     }
@@ -266,9 +216,9 @@ def measure_ttft(args: argparse.Namespace, redis_url: str) -> None:
     names = redis.Redis.from_url(redis_url)
     cold, fast, warm = [], [], []
     with (
-        server(command, [*sizes, *remote, "--store-dir", str(workdir / "a")], log, env) as a,
-        server(command, [*sizes, *remote, "--store-dir", str(workdir / "b")], log, env) as b,
-        server(command, ["--fast", "--no-reuse", "--log-level", "warning"], log, env) as c,
+        running_server([*sizes, *remote, "--store-dir", str(workdir / "a")], log=log, env=env) as a,
+        running_server([*sizes, *remote, "--store-dir", str(workdir / "b")], log=log, env=env) as b,
+        running_server(["--fast", "--no-reuse", "--log-level", "warning"], log=log, env=env) as c,
     ):
         clients = [shots._client(base) for base in (a, b, c)]
         for client in clients:  # first-request costs (threads, allocator) are not TTFT
@@ -306,9 +256,6 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=32, help="blocks per pass (5.9 MB each)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ttft-shots", type=int, default=3, help="0 skips the TTFT part")
-    parser.add_argument(
-        "--serve", help="command that runs `kvfactory serve` (default: this Python)"
-    )
     args = parser.parse_args()
     print(f"building {args.blocks} blocks ...", flush=True)
     blocks = make_blocks(args.blocks)
@@ -318,7 +265,7 @@ def main() -> int:
             measure_ttft(args, args.url)
         return 0 if ok else 1
     with tempfile.TemporaryDirectory(prefix="kvf-redis-bench-") as directory:
-        port = _free_port()
+        port = free_port()
         subprocess.run(["bash", str(SCRIPT), "install"], check=True)
         url = subprocess.run(
             ["bash", str(SCRIPT), "start", str(port), directory],
@@ -331,14 +278,6 @@ def main() -> int:
             return 0 if ok else 1
         finally:
             subprocess.run(["bash", str(SCRIPT), "stop", directory], check=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ usual "same document, new question" case). Ratios divide by the faster of the tw
 paths, so a gain is never inflated by a slow baseline. Targets (4k context): warm/cold
 <= 0.05 from memory and <= 0.10 from disk after a restart.
 
-The server uses ``admission=always`` so every block reaches the disk tier on its first
-write (the default ``second_hit`` would only write it on its second appearance). The disk
-numbers read files the OS may still have in its page cache; nothing here drops caches.
+The server runs with the default ``admission=always``, so every block reaches the disk
+tier on its first write (``second_hit`` would only write it on its second appearance). The
+disk numbers read files the OS may still have in its page cache; nothing here drops caches.
 
 Run: ``python benchmarks/ttft_reuse.py`` (``--help`` for options). Prints a markdown table.
 """
@@ -27,25 +27,21 @@ Run: ``python benchmarks/ttft_reuse.py`` (``--help`` for options). Prints a mark
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 
+from kvfactory.bench.servers import running_server
 from kvfactory.config import Settings
 from kvfactory.engines.hf import load_tokenizer
 
@@ -94,42 +90,6 @@ WORDS = [
 
 
 # -- servers ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(flags: Sequence[str], log: Path, env: dict[str, str]) -> Iterator[str]:
-    """A ``kvfactory serve`` process with ``flags``; yields its base URL, then stops it
-    gracefully (SIGINT), which flushes pending KV writes to the store."""
-    port = _free_port()
-    command = [sys.executable, "-m", "kvfactory", "serve", "--port", str(port), *flags]
-    with open(log, "ab") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited ({process.returncode}); see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after 600 s; see {log}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # -- prompts ----------------------------------------------------------------------------
@@ -273,8 +233,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Both cold servers run side by side and measurements alternate between them, so load
     # from other processes on the machine hits both cold paths alike.
     with (
-        running_server(["--fast", "--no-reuse", *budgets], log, env) as fast_base,
-        running_server(exact_flags, log, env) as exact_base,
+        running_server(
+            ["--fast", "--no-reuse", *budgets], log=log, env=env, stop_timeout_s=300
+        ) as fast_base,
+        running_server(exact_flags, log=log, env=env, stop_timeout_s=300) as exact_base,
     ):
         fast, exact = _client(fast_base), _client(exact_base)
         for client in (fast, exact):
@@ -291,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[n].warm_memory.append(shot)
                 _say(f"warm memory {n:5d}: {shot.ttft_s:.3f} s (cached {shot.cached_tokens})")
 
-    with running_server(exact_flags, log, env) as base:  # a restart: memory tier is empty
+    with running_server(
+        exact_flags, log=log, env=env, stop_timeout_s=300
+    ) as base:  # a restart: memory tier is empty
         client = _client(base)
         stream_completion(client, prompts.context("warmup-2", 512))
         for n in args.sizes:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +22,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from kvfactory.bench.servers import ServerStartError, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,47 +41,22 @@ class Server:
         return self.base_url + "/v1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     workdir = tmp_path_factory.mktemp("server")
-    port = _free_port()
     log = workdir / "server.log"
     env = {**os.environ, "KVFACTORY_SERVER_SECRET": "test-secret", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "kvfactory", "serve", "--port", str(port),
+    flags = [
         "--store-dir", str(workdir / "store"), "--memory-bytes", "256MiB",
         "--disk-bytes", "512MiB", "--log-level", "warning",
     ]  # fmt: skip
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield Server(base, log)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with running_server(
+            flags, log=log, env=env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=60
+        ) as base:
+            yield Server(base, log)
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
+
+from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_healthy
 
 redis = pytest.importorskip("redis")
 
@@ -36,21 +36,6 @@ STARTUP_TIMEOUT_S = 300.0  # first use converts the bundled GGUF besides loading
 PREFIX = "kvf:"
 CHUNK_TOKENS = 128
 """Smaller than the default so short prompts (cheap prefills) still span several chunks."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve_has_store_remote() -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "kvfactory", "serve", "--help"],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    return "--store-remote" in done.stdout
 
 
 @dataclass(frozen=True)
@@ -120,9 +105,7 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    if not _serve_has_store_remote():
-        pytest.skip("`kvfactory serve` has no --store-remote flag yet")
-    proc = RedisProc(_free_port(), tmp_path_factory.mktemp("redis"))
+    proc = RedisProc(free_port(), tmp_path_factory.mktemp("redis"))
     proc.start()
     try:
         yield proc
@@ -143,15 +126,14 @@ def _default_model_dir() -> str:
 
 
 def _start(name: str, workdir: Path, model_dir: str, redis_url: str) -> Server:
-    port = _free_port()
+    port = free_port()
     home = workdir / f"home-{name}"
     log = workdir / f"{name}.log"
     env = {
         **os.environ,
         "KVFACTORY_SERVER_SECRET": "shared-secret",
         "KVFACTORY_HOME": str(home),
-        # Every block goes to every tier at once, so one request shares a prompt (the
-        # default, second_hit, would need a second one; admission is tested elsewhere).
+        # Every block goes to every tier at once, so one request shares a prompt.
         "KVFACTORY_ADMISSION": "always",
         "HF_HUB_OFFLINE": "1",
     }
@@ -166,30 +148,6 @@ def _start(name: str, workdir: Path, model_dir: str, redis_url: str) -> Server:
     return Server(name, f"http://127.0.0.1:{port}", process, log, home / "incidents.jsonl")
 
 
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"server {server.name} exited:\n{server.log.read_text()}")
-        try:
-            if httpx.get(server.base_url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"server {server.name} not healthy:\n{server.log.read_text()}")
-        time.sleep(0.5)
-
-
-def _stop(server: Server) -> None:
-    server.process.send_signal(signal.SIGINT)
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
-
-
 @pytest.fixture(scope="module")
 def servers(
     tmp_path_factory: pytest.TempPathFactory, shared_redis: RedisProc
@@ -199,11 +157,14 @@ def servers(
     both = [_start(name, workdir, model_dir, shared_redis.url) for name in ("a", "b")]
     try:
         for server in both:
-            _wait_healthy(server)
+            try:
+                wait_healthy(server.process, server.base_url, server.log, STARTUP_TIMEOUT_S)
+            except ServerStartError as exc:
+                pytest.fail(f"server {server.name}: {exc}")
         yield both[0], both[1]
     finally:
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(_stop, both))
+            list(pool.map(lambda server: stop(server.process, 60), both))
 
 
 def _messages(topic: str) -> list[dict[str, str]]:
