@@ -1,6 +1,6 @@
 """Eviction/admission policies on the Mooncake synthetic trace, against Belady and unbounded.
 
-One run replays the trace (``../shared/traces/mooncake_synthetic_trace.jsonl`` by default)
+One run replays the trace (``data/traces/mooncake_synthetic_trace.jsonl`` by default)
 through one tier holding a share of the trace's unique cacheable blocks (10% by default,
 the issue's target setting), once per registered eviction policy and admission policy
 (admission applied to that tier), through the store's real policy classes. It prints each
@@ -30,7 +30,7 @@ from kvfactory.planner.trace import (
 from kvfactory.store.policy import ADMISSION_POLICIES, EVICTION_POLICIES
 from kvfactory.store.tiers.base import TransferCost
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake_synthetic_trace.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "data/traces/mooncake_synthetic_trace.jsonl"
 TARGET = 0.80
 # One tier: bandwidth and block size only matter for TTFT, which this benchmark skips.
 TIER_COST = TransferCost(latency_s=0.0, bytes_per_s=3.35e12)

@@ -1,4 +1,4 @@
-"""Planner fixtures: the shared Mooncake trace (skipped when the shared folder is absent)."""
+"""Planner fixtures: the Mooncake synthetic trace vendored under data/traces/."""
 
 from __future__ import annotations
 
@@ -10,6 +10,5 @@ from planner_helpers import SHARED_TRACE
 
 @pytest.fixture
 def shared_trace() -> Path:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"shared trace missing: {SHARED_TRACE}")
+    assert SHARED_TRACE.exists(), f"vendored trace missing: {SHARED_TRACE}"
     return SHARED_TRACE

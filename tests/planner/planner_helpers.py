@@ -9,7 +9,7 @@ from pathlib import Path
 from kvfactory.planner.trace import Trace, TraceRequest
 
 BLOCK = 512
-SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared/traces/mooncake_synthetic_trace.jsonl"
+SHARED_TRACE = Path(__file__).resolve().parents[2] / "data/traces/mooncake_synthetic_trace.jsonl"
 
 
 def make_trace(chains: Sequence[Sequence[int]], extra_tokens: Sequence[int] | None = None) -> Trace:
