@@ -71,10 +71,15 @@ def test_engine_failure_mid_stream_ends_with_error_event_and_done() -> None:
 async def _overload(engine: HFEngine, metrics: Metrics) -> httpx.Response:
     app = create_app([engine], metrics=metrics)
     await engine.start()
+    # A long prompt keeps the first request busy in prefill for seconds, so the queue stays
+    # full while we probe it even if a story ends early with EOS.
+    filler = " ".join(f"Wave {i} rolls onto the shore." for i in range(400))
     body = {
         "model": engine.model_name,
-        "messages": [{"role": "user", "content": "Tell a very long story about the sea."}],
-        "max_tokens": 4000,
+        "messages": [
+            {"role": "user", "content": f"{filler}\nTell a very long story about the sea."}
+        ],
+        "max_tokens": 2000,
         "stream": True,
     }
     transport = httpx.ASGITransport(app=app)
