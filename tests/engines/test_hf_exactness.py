@@ -23,9 +23,12 @@ from kvfactory.engines.hf import HFEngine, resolve_model_dir
 from kvfactory.engines.hf.fingerprint import KVGeometry, build_fingerprint
 from kvfactory.engines.hf.kv_blocks import BlockCodec, snapshot_layers
 from kvfactory.engines.hf.runner import ModelRunner, load_tokenizer_from
+from kvfactory.planner.kvmath import kv_bytes_per_token
+from kvfactory.planner.models import read_hf_config
 from kvfactory.store.codec import decode_block, encode_block
 from kvfactory.store.factory import open_store
 from kvfactory.store.keys import Namespace, chunk_keys
+from kvfactory.store.tiers.disk import DiskTier
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -213,6 +216,16 @@ def test_a_fresh_process_reuses_the_disk_store_exactly(model_dir: Path, tmp_path
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["cached"] == 512
     assert result["tokens"] == expected
+    # The capacity planner's KV arithmetic, from the model's config.json alone, predicts
+    # exactly the bytes the engine stored per block.
+    predicted = kv_bytes_per_token(read_hf_config(model_dir), dtype_bytes=4) * 256
+    disk = DiskTier(settings.store_dir or tmp_path / "store", capacity_bytes=1 << 40)
+    try:
+        held = list(disk.keys())
+        stored = [decode_block(disk.get(key) or b"", expected_key=key) for key in held]
+    finally:
+        disk.close()
+    assert stored and {len(block.payload) for block in stored} == {predicted}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
