@@ -1,0 +1,182 @@
+"""The session database: tables, engine setup (SQLite WAL / PostgreSQL) and migrations.
+
+One SQLAlchemy Core schema serves SQLite (the default: WAL journal, ``synchronous=FULL``
+so an acknowledged commit survives power loss, ``BEGIN IMMEDIATE`` so writers serialize
+instead of failing on lock upgrades) and PostgreSQL (rows locked with ``FOR UPDATE``).
+Migrations are numbered functions recorded in ``schema_migrations``; ``migrate`` applies
+the missing ones in order and is safe to call from every process at start. This module
+does not know what sessions mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from kvfactory.errors import ConfigError
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+sessions = sa.Table(
+    "kv_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(200), nullable=False, index=True),
+    sa.Column("model", sa.String(400), nullable=False),
+    sa.Column("head", sa.Integer, nullable=False),
+    sa.Column("next_version", sa.Integer, nullable=False),
+    sa.Column("overflow", sa.String(32), nullable=False),
+    sa.Column("max_context_tokens", sa.Integer, nullable=True),
+    sa.Column("metadata_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False),
+    sa.Column("fence", sa.BigInteger, nullable=False),
+    sa.Column("lease_holder", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    # The tail of this session's audit chain, updated in the same transaction as every
+    # entry, so removing the newest entries is detected too.
+    sa.Column("audit_seq", sa.Integer, nullable=False),
+    sa.Column("audit_hash", sa.String(64), nullable=False),
+)
+
+versions = sa.Table(
+    "kv_session_versions",
+    metadata,
+    sa.Column("session_id", sa.String(64), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("parent", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("messages_json", sa.Text, nullable=False),
+    sa.Column("note_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+audit = sa.Table(
+    "kv_session_audit",
+    metadata,
+    sa.Column("session_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("payload_json", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+
+def _create_v1(connection: Connection) -> None:
+    metadata.create_all(connection, tables=[sessions, versions, audit], checkfirst=True)
+
+
+Migration = tuple[int, str, Callable[[Connection], None]]
+MIGRATIONS: tuple[Migration, ...] = ((1, "sessions, versions, audit", _create_v1),)
+"""Append new migrations here; never edit an applied one."""
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit
+        # transactions would defer the write lock and deadlock upgrading readers).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgresql://`` (driver psycopg 3) and plain paths (SQLite files)."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite files get their folder created."""
+    url = normalize_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"not a database URL: {url!r}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise ConfigError("sessions need a SQLite file (an in-memory database loses them)")
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        )
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError(f"sessions support sqlite and postgresql URLs, got {url!r}")
+    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=16)
+
+
+def applied_migrations(engine: Engine) -> list[int]:
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table(schema_migrations.name):
+            return []
+        rows = connection.execute(sa.select(schema_migrations.c.version)).scalars()
+        return sorted(int(v) for v in rows)
+
+
+def migrate(engine: Engine, *, clock: Callable[[], float]) -> list[int]:
+    """Apply missing migrations; returns the numbers applied now. Concurrent callers
+    race benignly: a loser's insert into ``schema_migrations`` fails and it re-checks."""
+    with engine.begin() as connection:
+        metadata.create_all(connection, tables=[schema_migrations], checkfirst=True)
+    applied_now: list[int] = []
+    for number, name, apply in MIGRATIONS:
+        if number in applied_migrations(engine):
+            continue
+        try:
+            with engine.begin() as connection:
+                apply(connection)
+                connection.execute(
+                    schema_migrations.insert().values(version=number, name=name, applied_at=clock())
+                )
+            applied_now.append(number)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if number not in applied_migrations(engine):
+                raise
+    return applied_now
+
+
+__all__ = [
+    "MIGRATIONS",
+    "applied_migrations",
+    "audit",
+    "metadata",
+    "migrate",
+    "normalize_url",
+    "open_engine",
+    "schema_migrations",
+    "sessions",
+    "versions",
+]
