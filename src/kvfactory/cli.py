@@ -122,6 +122,13 @@ MemoryOpt = Annotated[
     str | None, typer.Option("--memory-bytes", help="Memory tier budget, e.g. 2GiB.")
 ]
 DiskOpt = Annotated[str | None, typer.Option("--disk-bytes", help="Disk tier budget, e.g. 20GiB.")]
+RemoteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store-remote",
+        help="Shared tier after disk: redis://, valkey:// or redis+cluster://h1:p1,h2:p2.",
+    ),
+]
 
 app = typer.Typer(
     name="kvfactory",
@@ -164,13 +171,7 @@ def serve(
     memory_bytes: MemoryOpt = None,
     disk_bytes: DiskOpt = None,
     chunk_tokens: ChunkOpt = None,
-    store_remote: Annotated[
-        str | None,
-        typer.Option(
-            "--store-remote",
-            help="Shared tier after disk: redis://, valkey:// or redis+cluster://h1:p1,h2:p2.",
-        ),
-    ] = None,
+    store_remote: RemoteOpt = None,
     reuse: Annotated[
         bool | None, typer.Option("--reuse/--no-reuse", help="Use the context store.")
     ] = None,
@@ -263,7 +264,9 @@ def run_server(settings: Settings) -> None:
             store.close()
 
 
-def _remote_tiers(settings: Settings, incidents: Any) -> list[Any]:
+def _remote_tiers(
+    settings: Settings, incidents: Any, *, configure_server: bool = True
+) -> list[Any]:
     """The shared tier named by ``settings.remote_url`` (none when unset)."""
     if settings.remote_url is None:
         return []
@@ -274,7 +277,9 @@ def _remote_tiers(settings: Settings, incidents: Any) -> list[Any]:
             f"--store-remote needs the redis client: pip install 'kvfactory[redis]' ({exc})"
         ) from exc
     try:
-        return [RedisTier(settings.remote_url, incidents=incidents)]
+        return [
+            RedisTier(settings.remote_url, incidents=incidents, configure_server=configure_server)
+        ]
     except ValueError as exc:
         raise ConfigError(f"invalid --store-remote URL: {exc}") from exc
 
@@ -438,17 +443,19 @@ def _require_store_dir(settings: Settings) -> Path:
 def store_stats(
     store_dir: StoreDirOpt = None,
     config: ConfigOpt = None,
+    store_remote: RemoteOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Blocks and bytes on disk, against the configured budgets."""
-    settings = _store_settings(config, store_dir)
+    """Blocks and bytes on disk (and in the shared remote tier), against the budgets."""
+    settings = _store_settings(config, store_dir, remote_url=store_remote)
     directory = _require_store_dir(settings)
     store = _open_disk_store(settings)
     try:
         disk = store.stats().tiers[0]
     finally:
         store.close()
-    report = {
+    remote = _remote_stats(settings)
+    report: dict[str, Any] = {
         "store_dir": str(directory),
         "chunk_tokens": settings.chunk_tokens,
         "disk_blocks": disk.blocks,
@@ -456,6 +463,16 @@ def store_stats(
         "disk_capacity_bytes": settings.disk_bytes,
         "memory_capacity_bytes": settings.memory_bytes,
     }
+    if remote is not None:
+        report["remote"] = {
+            "url": remote.extra.get("url"),
+            "state": remote.extra.get("state"),
+            "cluster": remote.extra.get("cluster"),
+            "blocks": remote.blocks,
+            "bytes": remote.bytes,
+            "capacity_bytes": remote.capacity_bytes,
+            "evictions": remote.evictions,
+        }
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -467,7 +484,29 @@ def store_stats(
         "disk", str(disk.blocks), human_bytes(disk.bytes), human_bytes(settings.disk_bytes), used
     )
     table.add_row("memory", "-", "-", human_bytes(settings.memory_bytes), "in the server")
+    if remote is not None:
+        state = str(remote.extra.get("state", "up"))
+        budget = remote.capacity_bytes
+        table.caption = f"remote tier: {remote.extra.get('url')}"
+        table.add_row(
+            "remote",
+            str(remote.blocks) if state == "up" else "-",
+            human_bytes(remote.bytes) if state == "up" else "-",
+            human_bytes(budget) if budget else "server policy",
+            f"{100 * remote.bytes / budget:.1f}%" if budget and state == "up" else state,
+        )
     Console().print(table)
+
+
+def _remote_stats(settings: Settings) -> Any:
+    """The remote tier's ``TierStats`` read from the server (``None`` without a remote)."""
+    tiers = _remote_tiers(settings, incidents=None, configure_server=False)
+    if not tiers:
+        return None
+    try:
+        return tiers[0].stats()
+    finally:
+        tiers[0].close()
 
 
 @store_app.command("clear")

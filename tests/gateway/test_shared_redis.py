@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ import openai
 import pytest
 
 from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_healthy
+from kvfactory.cli import main
 
 redis = pytest.importorskip("redis")
 
@@ -222,6 +225,23 @@ def test_prefix_computed_on_one_server_is_a_hit_on_the_other(
     assert shared == answer
 
 
+def test_store_stats_shows_the_shared_tier(
+    servers: tuple[Server, Server], shared_redis: RedisProc, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = servers
+    _share_via_redis(first, _messages("ledger"), shared_redis)
+    store_dir = first.incidents.parent / "store"
+    flags = ["--store-dir", str(store_dir)]
+    assert main(["store", "stats", "--json", *flags, "--store-remote", shared_redis.url]) == 0
+    remote = json.loads(capsys.readouterr().out)["remote"]
+    client = shared_redis.client()
+    try:
+        held = sum(1 for _ in client.scan_iter(match=PREFIX + "*", count=1000))
+    finally:
+        client.close()
+    assert remote["state"] == "up" and remote["blocks"] == held >= 2
+
+
 def test_corrupt_value_in_redis_is_a_miss_with_identical_output(
     servers: tuple[Server, Server], shared_redis: RedisProc
 ) -> None:
@@ -286,3 +306,64 @@ def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(
     for server in servers:
         kinds = server.incident_kinds()
         assert kinds.count("tier_down") == 1 and kinds.count("tier_recovered") == 1, kinds
+
+
+# -- Redis Cluster --------------------------------------------------------------------------
+
+
+def _free_port_run(count: int, bus_offset: int = 10000) -> int:
+    """A base port with ``count`` consecutive free ports and their cluster-bus ports."""
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        ports = [base + i for i in range(count)] + [base + bus_offset + i for i in range(count)]
+        free = True
+        for port in ports:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return base
+    raise RuntimeError("no free run of ports for a redis cluster")
+
+
+def test_two_servers_share_through_a_three_node_cluster(
+    tmp_path: Path, shared_redis: RedisProc
+) -> None:
+    """``shared_redis`` only stands for "redis-server is installed" here."""
+    cluster_dir = tmp_path / "cluster"
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "cluster", str(_free_port_run(3)), str(cluster_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip().splitlines()[-1]
+    servers: list[Server] = []
+    try:
+        model_dir = _default_model_dir()
+        servers = [_start(name, tmp_path, model_dir, url) for name in ("c1", "c2")]
+        for server in servers:
+            wait_healthy(server.process, server.base_url, server.log, STARTUP_TIMEOUT_S)
+        first, second = servers
+        messages = _messages("anchor")
+        answer, _ = _ask(first, messages)
+        nodes = redis.RedisCluster.from_url(
+            url.replace("redis+cluster://", "redis://", 1).split(",")[0]
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while sum(1 for _ in nodes.scan_iter(match=PREFIX + "*", count=1000)) < 2:
+                assert time.monotonic() < deadline, "blocks never reached the cluster"
+                time.sleep(0.2)
+            held = [nodes.get_redis_connection(node).dbsize() for node in nodes.get_primaries()]
+        finally:
+            nodes.close()
+        shared, cached = _ask(second, messages)
+        assert cached >= 2 * CHUNK_TOKENS and shared == answer
+        assert sum(1 for count in held if count > 0) >= 2  # keys spread over the slots
+    finally:
+        for server in servers:
+            stop(server.process, 60)
+        subprocess.run(["bash", str(SCRIPT), "stop", str(cluster_dir)], timeout=60, check=False)
