@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pg_fixtures import PostgresCluster, require_postgres
 
 from kvfactory.sessions.store import SessionStore
-from pg_fixtures import PostgresCluster, require_postgres
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ a fresh database per test, so tests never see each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import uuid
@@ -21,12 +22,12 @@ SCRIPT = REPO / "scripts" / "postgres.sh"
 
 
 def _binaries_present() -> bool:
-    return subprocess.run([str(SCRIPT), "url", "0"], capture_output=True).returncode == 0 and (
-        subprocess.run(
-            ["bash", "-c", f"source <(sed -n '/^bin_dir()/,/^}}/p' {SCRIPT}); bin_dir"],
-            capture_output=True,
-        ).returncode
-        == 0
+    """The same search as ``bin_dir`` in scripts/postgres.sh."""
+    if shutil.which("pg_ctl") and shutil.which("initdb"):
+        return True
+    return any(
+        (folder / "pg_ctl").exists() and (folder / "initdb").exists()
+        for folder in Path("/usr/lib/postgresql").glob("*/bin")
     )
 
 

@@ -45,7 +45,7 @@ class OverflowPlan:
     def with_summary(self, summary: str) -> tuple[Message, ...]:
         """Insert the summary as a pinned system message after the leading system ones."""
         lead = 0
-        while lead < len(self.messages) and not _droppable(self.messages[lead]):
+        while lead < len(self.messages) and self.messages[lead].role == "system":
             lead += 1
         note = Message(role="system", content=SUMMARY_PREFIX + summary.strip(), pinned=True)
         return (*self.messages[:lead], note, *self.messages[lead:])
