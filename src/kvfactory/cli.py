@@ -28,6 +28,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from kvfactory.bench.commands import register as register_bench_commands
 from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
 from kvfactory.planner.commands import register as register_planner_commands
@@ -140,6 +141,7 @@ app = typer.Typer(
 store_app = typer.Typer(help="Inspect and manage the context store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 register_planner_commands(app)
+register_bench_commands(app)
 
 
 def _stderr() -> Console:

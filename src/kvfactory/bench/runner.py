@@ -1,0 +1,191 @@
+"""Run a workload against one OpenAI-compatible endpoint and time every turn.
+
+Each turn is a streamed chat completion through the official ``openai`` client with
+``stream_options.include_usage``, so the endpoint's own ``usage`` (prompt, completion and
+``prompt_tokens_details.cached_tokens``) is what gets reported. TTFT is the time from
+sending the request to the first chunk that carries text; time per output token is the
+decode time after that token divided by the tokens that followed it. Sessions start as
+their arrival schedule allows (trace timestamps, or a fixed request rate) and at most
+``concurrency`` run at once. A failed turn is recorded with its error and ends its session
+(the conversation cannot go on without the reply). This module knows nothing about how
+results are summarised or shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
+
+from kvfactory.bench.workloads import Session, Turn, Workload
+
+INCLUDE_USAGE: ChatCompletionStreamOptionsParam = {"include_usage": True}
+
+
+@dataclass(frozen=True, slots=True)
+class Shot:
+    """One timed turn."""
+
+    session: int
+    turn: int
+    started_s: float
+    """Offset from the start of the run."""
+    ttft_s: float | None
+    latency_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    tpot_s: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    base_url: str
+    model: str | None = None
+    api_key: str = "unused"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    concurrency: int = 8
+    """Requests in flight at once, over all sessions."""
+    request_rate: float | None = None
+    """Sessions started per second (``None``: all at once, bounded by ``concurrency``)."""
+    timeout_s: float = 600.0
+
+
+Progress = Callable[[Shot], None]
+
+
+async def resolve_model(client: openai.AsyncOpenAI, endpoint: Endpoint) -> str:
+    """The endpoint's model, or the first one it lists."""
+    if endpoint.model:
+        return endpoint.model
+    models = await client.models.list()
+    if not models.data:
+        raise RuntimeError(f"{endpoint.base_url} lists no models")
+    return models.data[0].id
+
+
+async def _one_turn(
+    client: openai.AsyncOpenAI, model: str, turn: Turn, session: int, index: int, t0: float
+) -> tuple[Shot, str]:
+    started = time.perf_counter()
+    first: float | None = None
+    last = started
+    text: list[str] = []
+    usage = None
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=cast("list[ChatCompletionMessageParam]", list(turn.messages)),
+            max_tokens=turn.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options=INCLUDE_USAGE,
+        )
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    now = time.perf_counter()
+                    first = now if first is None else first
+                    last = now
+                    text.append(choice.delta.content)
+    except (openai.OpenAIError, OSError) as exc:
+        shot = Shot(
+            session, index, started - t0, None, time.perf_counter() - started, 0, 0, 0, None,
+            error=f"{type(exc).__name__}: {exc}",
+        )  # fmt: skip
+        return shot, ""
+    ended = time.perf_counter()
+    prompt = usage.prompt_tokens if usage is not None else 0
+    completion = usage.completion_tokens if usage is not None else 0
+    details = usage.prompt_tokens_details if usage is not None else None
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    tpot = (last - first) / (completion - 1) if first is not None and completion > 1 else None
+    shot = Shot(
+        session=session,
+        turn=index,
+        started_s=started - t0,
+        ttft_s=None if first is None else first - started,
+        latency_s=ended - started,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        completion_tokens=completion,
+        tpot_s=tpot,
+    )
+    return shot, "".join(text)
+
+
+async def _run_session(
+    client: openai.AsyncOpenAI,
+    model: str,
+    session: Session,
+    number: int,
+    t0: float,
+    gate: asyncio.Semaphore,
+    progress: Progress | None,
+) -> list[Shot]:
+    shots: list[Shot] = []
+    try:
+        turn = next(session)
+        while True:
+            if turn.arrival_s is not None:
+                await asyncio.sleep(max(0.0, t0 + turn.arrival_s - time.perf_counter()))
+            async with gate:
+                shot, reply = await _one_turn(client, model, turn, number, len(shots), t0)
+            shots.append(shot)
+            if progress is not None:
+                progress(shot)
+            if shot.error is not None:
+                break
+            turn = session.send(reply)
+    except StopIteration:
+        pass
+    finally:
+        session.close()
+    return shots
+
+
+async def run_workload(
+    endpoint: Endpoint,
+    workload: Workload,
+    options: RunOptions,
+    progress: Progress | None = None,
+) -> tuple[str, list[Shot], float]:
+    """Every session of ``workload`` against ``endpoint``: (model, shots, wall seconds)."""
+    client = openai.AsyncOpenAI(
+        base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0,
+        timeout=options.timeout_s,
+    )  # fmt: skip
+    try:
+        model = await resolve_model(client, endpoint)
+        gate = asyncio.Semaphore(max(1, options.concurrency))
+        t0 = time.perf_counter()
+
+        async def paced(number: int, session: Session) -> list[Shot]:
+            if options.request_rate:
+                await asyncio.sleep(
+                    max(0.0, t0 + number / options.request_rate - time.perf_counter())
+                )
+            return await _run_session(client, model, session, number, t0, gate, progress)
+
+        results = await asyncio.gather(
+            *(paced(number, session) for number, session in enumerate(workload.start()))
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return model, [shot for shots in results for shot in shots], wall
+
+
+__all__ = ["Endpoint", "Progress", "RunOptions", "Shot", "resolve_model", "run_workload"]
