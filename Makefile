@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve serve-shared test lint typecheck redis-server bench bench-store bench-ttft bench-remote \
+.PHONY: serve serve-shared test lint typecheck redis-server postgres-server bench bench-store bench-ttft bench-remote \
 	bench-simulate clean install-serve install-dev
 
 $(VENV)/.created:
@@ -34,6 +34,10 @@ $(VENV)/.dev: $(VENV)/.serve pyproject.toml
 redis-server:
 	bash scripts/redis.sh install
 
+# Debian's PostgreSQL for the session tests (apt-get; skipped when initdb/pg_ctl exist).
+postgres-server:
+	bash scripts/postgres.sh install
+
 install-serve: $(VENV)/.serve
 install-dev: $(VENV)/.dev
 
@@ -52,7 +56,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev redis-server lint typecheck
+test: $(VENV)/.dev redis-server postgres-server lint typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench-store: $(VENV)/.dev
