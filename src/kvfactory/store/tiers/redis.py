@@ -1,8 +1,8 @@
 """The shared remote tier: encoded blocks in Redis or Valkey, standalone or cluster.
 
-Owns the wire side of the shared tier: URL parsing (``redis://``, ``rediss://``,
-``valkey://``, ``unix://`` and ``redis+cluster://h1:p1,h2:p2`` style cluster URLs), pipelined
-batched reads and writes, per-key TTL, the memory budget, and fault handling. It does not
+Owns the wire side of the shared tier: pipelined batched reads and writes, per-key TTL,
+the memory budget, and fault handling (URLs are parsed by ``redis_url``; the outage state
+machine is ``health.TierHealth``). It does not
 verify checksums, promote, or queue writes: ``ContextStore`` does that for every tier
 (``verify_on_read`` is ``True`` here, and its write-behind queue sits in front of ``put``).
 
@@ -32,9 +32,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -49,9 +47,10 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from kvfactory._types import DIGEST_SIZE, BlockKey
-from kvfactory.errors import ConfigError
 from kvfactory.store.tiers.base import Tier, TierStats, TransferCost
-from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
+from kvfactory.store.tiers.health import TierHealth
+from kvfactory.store.tiers.redis_url import RedisEndpoint, parse_remote_url
+from kvfactory.telemetry.incidents import IncidentLog
 
 T = TypeVar("T")
 Client = redis.Redis | RedisCluster
@@ -71,201 +70,6 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 """Errors that mean the server (or cluster) cannot serve now, as opposed to one bad call."""
-
-_SCHEMES: dict[str, tuple[str, bool]] = {
-    "redis": ("redis", False),
-    "rediss": ("rediss", False),
-    "valkey": ("redis", False),
-    "valkeys": ("rediss", False),
-    "unix": ("unix", False),
-    "redis+cluster": ("redis", True),
-    "rediss+cluster": ("rediss", True),
-    "valkey+cluster": ("redis", True),
-    "valkeys+cluster": ("rediss", True),
-}
-"""URL scheme -> (scheme redis-py understands, cluster mode). Valkey speaks the same protocol."""
-
-
-@dataclass(frozen=True, slots=True)
-class RedisEndpoint:
-    """Where the tier connects: ``url`` is what redis-py gets (a cluster's first node)."""
-
-    url: str
-    cluster: bool
-    nodes: tuple[tuple[str, int], ...]
-    redacted: str
-
-
-def parse_remote_url(url: str, *, cluster: bool | None = None) -> RedisEndpoint:
-    """Parse a remote-tier URL; ``cluster=True`` forces cluster mode for a plain URL."""
-    scheme, sep, rest = url.partition("://")
-    redacted = _redact(url)
-    if not sep or scheme.lower() not in _SCHEMES:
-        raise ConfigError(
-            f"unsupported remote store URL {redacted!r}: use redis://, rediss://, valkey://, "
-            "unix:// or redis+cluster://host:port,host:port"
-        )
-    wire, is_cluster = _SCHEMES[scheme.lower()]
-    is_cluster = is_cluster or bool(cluster)
-    if wire == "unix":
-        if is_cluster:
-            raise ConfigError("a Redis cluster cannot be reached over a unix socket")
-        return RedisEndpoint(url=url, cluster=False, nodes=(), redacted=redacted)
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    nodes = tuple(_host_port(wire, part, redacted) for part in hosts.split(",") if part)
-    if not nodes:
-        raise ConfigError(f"remote store URL {redacted!r} names no host")
-    if len(nodes) > 1 and not is_cluster:
-        raise ConfigError(
-            f"remote store URL {redacted!r} lists several hosts: use redis+cluster://"
-        )
-    first = hosts.split(",")[0]
-    return RedisEndpoint(
-        url=f"{wire}://{userinfo}{at}{first}{tail}",
-        cluster=is_cluster,
-        nodes=nodes,
-        redacted=redacted,
-    )
-
-
-def _host_port(wire: str, part: str, redacted: str) -> tuple[str, int]:
-    try:
-        parsed = urlsplit(f"{wire}://{part}")
-        return parsed.hostname or "localhost", parsed.port or 6379
-    except ValueError as exc:
-        raise ConfigError(f"remote store URL {redacted!r}: bad host {part!r} ({exc})") from exc
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hosts = rest.partition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hosts}"
-
-
-class TierHealth:
-    """Up/down state of one remote tier: one incident per outage, probing in the background.
-
-    Serving calls take an epoch from ``admit`` (``None`` while down: answer at once without
-    the network). The first outage error of the current epoch opens an outage: it records
-    ``TIER_DOWN``, calls ``on_down`` and starts a prober thread that runs ``probe`` with
-    exponential backoff until it succeeds (``TIER_RECOVERED``) or the tier closes. Every
-    state change bumps the epoch, so stragglers from before an outage cannot open another.
-    """
-
-    def __init__(
-        self,
-        *,
-        tier: str,
-        where: str,
-        incidents: IncidentLog | None,
-        probe: Callable[[], None],
-        on_down: Callable[[], None],
-        backoff_initial_s: float,
-        backoff_max_s: float,
-    ):
-        self._tier, self._where, self._incidents = tier, where, incidents
-        self._probe, self._on_down = probe, on_down
-        self._initial, self._max = backoff_initial_s, max(backoff_max_s, backoff_initial_s)
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._epoch = 0
-        self._down_since: float | None = None
-        self._backoff = 0.0
-        self._outages = 0
-        self._skipped = 0
-        self._probes = 0
-        self._last_error: str | None = None
-
-    def admit(self) -> int | None:
-        """The current epoch if the server may be called now, ``None`` while it is down."""
-        with self._lock:
-            if self._down_since is None and not self._closed.is_set():
-                return self._epoch
-            self._skipped += 1
-            return None
-
-    def failed(self, epoch: int, exc: BaseException) -> None:
-        """An outage error from a call admitted in ``epoch``; opens an outage at most once."""
-        with self._lock:
-            self._last_error = _describe(exc)
-            if epoch != self._epoch or self._down_since is not None or self._closed.is_set():
-                return
-            self._epoch += 1
-            self._down_since, self._skipped, self._backoff = time.monotonic(), 0, self._initial
-            self._outages += 1
-        self._on_down()
-        self._record(
-            IncidentKind.TIER_DOWN,
-            f"remote tier {self._tier!r} at {self._where} is unreachable; serving from local "
-            "tiers until it is back",
-            {"error": self._last_error},
-        )
-        threading.Thread(
-            target=self._probe_until_up, name=f"kvf-{self._tier}-probe", daemon=True
-        ).start()
-
-    def note_error(self, exc: BaseException) -> None:
-        with self._lock:
-            self._last_error = _describe(exc)
-
-    def close(self) -> None:
-        self._closed.set()
-
-    def snapshot(self) -> dict[str, object]:
-        with self._lock:
-            down = self._down_since is not None
-            return {
-                "state": "down" if down else "up",
-                "outages": self._outages,
-                "skipped_calls": self._skipped,
-                "probes": self._probes,
-                "backoff_s": self._backoff if down else 0.0,
-                "last_error": self._last_error,
-            }
-
-    def _probe_until_up(self) -> None:
-        while not self._closed.wait(self._backoff):
-            try:
-                self._probe()
-            except OUTAGE_ERRORS as exc:
-                self._probe_failed(exc)
-                continue
-            except RedisError:
-                pass  # the server answered, so it is reachable again
-            except Exception as exc:  # a probe must never kill the prober
-                self._probe_failed(exc)
-                continue
-            with self._lock:
-                downtime = time.monotonic() - (self._down_since or time.monotonic())
-                skipped, probes = self._skipped, self._probes + 1
-                self._epoch += 1
-                self._down_since, self._probes = None, probes
-            self._record(
-                IncidentKind.TIER_RECOVERED,
-                f"remote tier {self._tier!r} at {self._where} is back",
-                {"downtime_s": round(downtime, 3), "skipped_calls": skipped, "probes": probes},
-            )
-            return
-
-    def _probe_failed(self, exc: BaseException) -> None:
-        self._on_down()
-        with self._lock:
-            self._last_error = _describe(exc)
-            self._probes += 1
-            self._backoff = min(self._backoff * 2, self._max)
-
-    def _record(self, kind: IncidentKind, message: str, details: dict[str, object]) -> None:
-        if self._incidents is not None:
-            details = {"tier": self._tier, "url": self._where, **details}
-            self._incidents.record(Incident(kind=kind, message=message, details=details))
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class RedisTier(Tier):
@@ -313,6 +117,8 @@ class RedisTier(Tier):
             on_down=self._drop_client,
             backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s,
+            outage_errors=OUTAGE_ERRORS,
+            answered_errors=(RedisError,),
         )
         self._client_lock = threading.Lock()
         self._client: Client | None = None
@@ -691,6 +497,5 @@ __all__ = [
     "OUTAGE_ERRORS",
     "RedisEndpoint",
     "RedisTier",
-    "TierHealth",
     "parse_remote_url",
 ]
