@@ -126,43 +126,72 @@ async def _one_turn(
     return shot, "".join(text)
 
 
-async def _run_session(
+@dataclass(slots=True)
+class Cursor:
+    """A session in progress: the turn it will send next (``None`` once finished)."""
+
+    number: int
+    session: Session
+    pending: Turn | None
+    turns_done: int = 0
+
+    def close(self) -> None:
+        self.pending = None
+        self.session.close()
+
+
+def start_cursors(workload: Workload) -> list[Cursor]:
+    """Fresh sessions of ``workload``, each holding its first turn."""
+    cursors = []
+    for number, session in enumerate(workload.start()):
+        try:
+            cursors.append(Cursor(number, session, next(session)))
+        except StopIteration:
+            cursors.append(Cursor(number, session, None))
+    return cursors
+
+
+async def _advance(
     client: openai.AsyncOpenAI,
     model: str,
-    session: Session,
-    number: int,
+    cursor: Cursor,
     t0: float,
     gate: asyncio.Semaphore,
     progress: Progress | None,
+    max_turns: int | None,
 ) -> list[Shot]:
     shots: list[Shot] = []
-    try:
-        turn = next(session)
-        while True:
-            if turn.arrival_s is not None:
-                await asyncio.sleep(max(0.0, t0 + turn.arrival_s - time.perf_counter()))
-            async with gate:
-                shot, reply = await _one_turn(client, model, turn, number, len(shots), t0)
-            shots.append(shot)
-            if progress is not None:
-                progress(shot)
-            if shot.error is not None:
-                break
-            turn = session.send(reply)
-    except StopIteration:
-        pass
-    finally:
-        session.close()
+    while cursor.pending is not None and (max_turns is None or len(shots) < max_turns):
+        turn = cursor.pending
+        if turn.arrival_s is not None:
+            await asyncio.sleep(max(0.0, t0 + turn.arrival_s - time.perf_counter()))
+        async with gate:
+            shot, reply = await _one_turn(client, model, turn, cursor.number, cursor.turns_done, t0)
+        shots.append(shot)
+        cursor.turns_done += 1
+        if progress is not None:
+            progress(shot)
+        if shot.error is not None:
+            cursor.close()  # the conversation cannot go on without the reply
+            break
+        try:
+            cursor.pending = cursor.session.send(reply)
+        except StopIteration:
+            cursor.pending = None
     return shots
 
 
-async def run_workload(
+async def run_cursors(
     endpoint: Endpoint,
-    workload: Workload,
+    cursors: list[Cursor],
     options: RunOptions,
     progress: Progress | None = None,
+    *,
+    max_turns: int | None = None,
 ) -> tuple[str, list[Shot], float]:
-    """Every session of ``workload`` against ``endpoint``: (model, shots, wall seconds)."""
+    """Advance every cursor by up to ``max_turns`` turns (all, by default) against
+    ``endpoint``: (model, shots, wall seconds). Cursors keep their place, so a benchmark
+    can stop half way, restart the server, and go on with the same conversations."""
     client = openai.AsyncOpenAI(
         base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0,
         timeout=options.timeout_s,
@@ -172,20 +201,37 @@ async def run_workload(
         gate = asyncio.Semaphore(max(1, options.concurrency))
         t0 = time.perf_counter()
 
-        async def paced(number: int, session: Session) -> list[Shot]:
+        async def paced(cursor: Cursor) -> list[Shot]:
             if options.request_rate:
-                await asyncio.sleep(
-                    max(0.0, t0 + number / options.request_rate - time.perf_counter())
-                )
-            return await _run_session(client, model, session, number, t0, gate, progress)
+                start = t0 + cursor.number / options.request_rate
+                await asyncio.sleep(max(0.0, start - time.perf_counter()))
+            return await _advance(client, model, cursor, t0, gate, progress, max_turns)
 
-        results = await asyncio.gather(
-            *(paced(number, session) for number, session in enumerate(workload.start()))
-        )
+        results = await asyncio.gather(*(paced(cursor) for cursor in cursors))
         wall = time.perf_counter() - t0
     finally:
         await client.close()
     return model, [shot for shots in results for shot in shots], wall
 
 
-__all__ = ["Endpoint", "Progress", "RunOptions", "Shot", "resolve_model", "run_workload"]
+async def run_workload(
+    endpoint: Endpoint,
+    workload: Workload,
+    options: RunOptions,
+    progress: Progress | None = None,
+) -> tuple[str, list[Shot], float]:
+    """Every session of ``workload`` against ``endpoint``: (model, shots, wall seconds)."""
+    return await run_cursors(endpoint, start_cursors(workload), options, progress)
+
+
+__all__ = [
+    "Cursor",
+    "Endpoint",
+    "Progress",
+    "RunOptions",
+    "Shot",
+    "resolve_model",
+    "run_cursors",
+    "run_workload",
+    "start_cursors",
+]
