@@ -1,8 +1,9 @@
-"""Real ``kvfactory serve`` processes on loopback, for benchmarks and end-to-end tests.
+"""Real server processes on loopback, for benchmarks and end-to-end tests.
 
-``running_server`` starts the CLI in a subprocess on a free port, waits for ``/healthz``,
-yields the base URL and stops the process with SIGINT, the graceful path that flushes
-pending KV writes into the store. It knows nothing about what is measured or asserted.
+``running_process`` runs any HTTP server command (peers such as vLLM or llama.cpp) until it
+answers its health path; ``running_server`` starts ``kvfactory serve`` on a free port. Both
+stop the process with SIGINT, the graceful path that flushes pending KV writes into the
+store. It knows nothing about what is measured or asserted.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ def _log_tail(log: Path) -> str:
 
 
 def wait_healthy(
-    process: subprocess.Popen[bytes], base_url: str, log: Path, timeout_s: float
+    process: subprocess.Popen[bytes],
+    base_url: str,
+    log: Path,
+    timeout_s: float,
+    *,
+    health_path: str = "/healthz",
 ) -> None:
-    """Return once ``/healthz`` answers 200; ``ServerStartError`` if the process dies first."""
+    """Return once ``health_path`` answers 200; ``ServerStartError`` if the process dies."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
@@ -51,7 +57,7 @@ def wait_healthy(
                 f"server exited with {process.returncode}; log {log}:\n{_log_tail(log)}"
             )
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base_url + "/healthz", timeout=2).status_code == 200:
+            if httpx.get(base_url + health_path, timeout=2).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise ServerStartError(
@@ -72,6 +78,31 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
+def running_process(
+    command: Sequence[str],
+    *,
+    base_url: str,
+    log: Path,
+    env: Mapping[str, str],
+    health_path: str = "/healthz",
+    cwd: Path | None = None,
+    startup_timeout_s: float = 600.0,
+    stop_timeout_s: float = 120.0,
+) -> Iterator[str]:
+    """Any HTTP server ``command`` until the block exits; yields ``base_url`` once
+    ``health_path`` answers 200 (peers without ``/healthz`` can name ``/v1/models``)."""
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(
+            list(command), stdout=sink, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd
+        )
+    try:
+        wait_healthy(process, base_url, log, startup_timeout_s, health_path=health_path)
+        yield base_url
+    finally:
+        stop(process, stop_timeout_s)
+
+
+@contextlib.contextmanager
 def running_server(
     flags: Sequence[str],
     *,
@@ -84,14 +115,22 @@ def running_server(
     """``kvfactory serve --port PORT *flags`` until the block exits; yields the base URL."""
     port = free_port() if port is None else port
     command = [sys.executable, "-m", "kvfactory", "serve", "--port", str(port), *flags]
-    with open(log, "ab") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=dict(env))
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, base_url, log, startup_timeout_s)
+    with running_process(
+        command,
+        base_url=f"http://127.0.0.1:{port}",
+        log=log,
+        env=env,
+        startup_timeout_s=startup_timeout_s,
+        stop_timeout_s=stop_timeout_s,
+    ) as base_url:
         yield base_url
-    finally:
-        stop(process, stop_timeout_s)
 
 
-__all__ = ["ServerStartError", "free_port", "running_server", "stop", "wait_healthy"]
+__all__ = [
+    "ServerStartError",
+    "free_port",
+    "running_process",
+    "running_server",
+    "stop",
+    "wait_healthy",
+]
