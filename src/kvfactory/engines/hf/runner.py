@@ -9,6 +9,7 @@ the store.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ class ModelRunner:
         console: Console | None = None,
     ) -> ModelRunner:
         transformers = import_transformers()
+        if device.type == "cpu":
+            # Let SDPA handle grouped-query attention itself instead of repeat_kv copying
+            # every cached key and value per step (measured 0.30 -> 0.25 s for 32 tokens
+            # after a 4k-token cached prefix). transformers only does this unasked when no
+            # mask is passed; on CUDA a mask would then fall back to the slow math kernel.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         console = console or Console(stderr=True)
         with console.status(f"Loading {model_dir.name} ({dtype_name(dtype)} on {device})"):
             try:
