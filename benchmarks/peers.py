@@ -56,6 +56,9 @@ class Peer:
     command: Callable[[int, Path], list[str]]
     """(port, workdir) -> the server command; the workdir survives the restart."""
     health_path: str = "/healthz"
+    max_concurrency: int | None = None
+    """Requests in flight at most (llama-cpp-python's server serves one at a time and drops
+    a concurrent stream without an error)."""
 
 
 def _kvfactory(port: int, workdir: Path) -> list[str]:
@@ -105,7 +108,7 @@ def available_peers() -> dict[str, Peer | str]:
         if vllm_ok and _serve_has_engine_flag()
         else "needs vllm and `kvfactory serve --engine vllm`",
         "vllm": Peer("vllm", _vllm, "/health") if vllm_ok else "vllm is not installed",
-        "llama.cpp": Peer("llama.cpp", _llama_cpp, "/v1/models")
+        "llama.cpp": Peer("llama.cpp", _llama_cpp, "/v1/models", max_concurrency=1)
         if importlib.util.find_spec("llama_cpp") is not None
         else "llama-cpp-python is not installed",
     }
@@ -127,7 +130,9 @@ def run_peer(peer: Peer, args: argparse.Namespace, root: Path) -> PeerResult:
         context_tokens=args.context_tokens, question_tokens=32, max_tokens=args.max_tokens,
     )  # fmt: skip
     cursors = start_cursors(workload)
-    options = RunOptions(concurrency=args.concurrency)
+    options = RunOptions(
+        concurrency=min(args.concurrency, peer.max_concurrency or args.concurrency)
+    )
     half = args.rounds // 2
     env = {**os.environ, **CPU_ENV}
     shots: list[Shot] = []
@@ -189,7 +194,7 @@ def main() -> int:
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--peers", default="kvfactory,kvfactory+vllm,vllm,llama.cpp")
     args = parser.parse_args()
     if args.rounds < 2:

@@ -82,6 +82,7 @@ async def _one_turn(
     last = started
     text: list[str] = []
     usage = None
+    finish: str | None = None
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -95,6 +96,7 @@ async def _one_turn(
             if chunk.usage is not None:
                 usage = chunk.usage
             for choice in chunk.choices:
+                finish = choice.finish_reason or finish
                 if choice.delta.content:
                     now = time.perf_counter()
                     first = now if first is None else first
@@ -107,6 +109,12 @@ async def _one_turn(
         )  # fmt: skip
         return shot, ""
     ended = time.perf_counter()
+    if finish is None:  # a stream cut short is a failure, not a short answer
+        shot = Shot(
+            session, index, started - t0, None, ended - started, 0, 0, 0, None,
+            error="stream ended without a finish_reason",
+        )  # fmt: skip
+        return shot, ""
     prompt = usage.prompt_tokens if usage is not None else 0
     completion = usage.completion_tokens if usage is not None else 0
     details = usage.prompt_tokens_details if usage is not None else None
