@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvfactory.engines.base import Engine, GenerationRequest, check_context
+from kvfactory.engines.base import ChatMessage, Engine, GenerationRequest, check_context
 from kvfactory.errors import InvalidRequestError, KVFactoryError, ModelNotFoundError
 from kvfactory.gateway.errors import APIError, invalid_request, to_api_error
 from kvfactory.gateway.generation import Completed, MeteredGeneration, Outcome, outcome_of
@@ -38,8 +38,10 @@ from kvfactory.gateway.schemas import (
     now,
     parse_request,
 )
+from kvfactory.gateway.sessions_api import SESSION_HEADER, SessionTurns, install_session_routes
 from kvfactory.gateway.streaming import SSE_HEADERS, ChatChunks, TextChunks, sse_stream
 from kvfactory.gateway.tenancy import TenantResolver
+from kvfactory.sessions import SessionService
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -106,6 +108,7 @@ class Gateway:
         metrics: Metrics,
         incidents: IncidentLog | None,
         tenants: TenantResolver,
+        sessions: SessionService | None = None,
     ):
         self.engines: dict[str, Engine] = {}
         for engine in engines:
@@ -115,6 +118,8 @@ class Gateway:
         self.metrics = metrics
         self.incidents = incidents
         self.tenants = tenants
+        self.sessions = sessions
+        self.session_turns = SessionTurns(self, sessions) if sessions is not None else None
         self.started_at = now()
 
     def parse(self, raw: bytes, model: type[RequestModel]) -> RequestModel:
@@ -140,15 +145,24 @@ class Gateway:
         *,
         id_prefix: str,
         arrived: float,
+        messages: Sequence[ChatMessage] | None = None,
+        pin_owner: str | None = None,
     ) -> _Prepared:
-        """Validate everything and dispatch; raises ``APIError`` before any engine work."""
+        """Validate everything and dispatch; raises ``APIError`` before any engine work.
+
+        ``messages`` replaces a chat body's messages (a session turn's whole prompt);
+        ``pin_owner`` asks the engine to pin the prompt's KV blocks for that owner."""
         label = UNKNOWN_MODEL_LABEL
         try:
             tenant = self.tenants.resolve(request.headers.get("authorization"))
             body.check_supported()
             engine = self.engine_for(body.model)
             label = engine.model_name
-            tokens = self._prompt_tokens(engine, body)
+            tokens = (
+                engine.tokenize_chat(messages)
+                if messages is not None
+                else self._prompt_tokens(engine, body)
+            )
             sampling = body.sampling(len(tokens), engine.context_window)
             check_context(len(tokens), sampling.max_tokens, engine.context_window)
             request_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -159,6 +173,7 @@ class Gateway:
                 sampling=sampling,
                 tenant=tenant.name,
                 tenant_salt=tenant.salt,
+                pin_owner=pin_owner,
             )
             events = engine.generate(generation_request)
         except Exception as exc:
@@ -230,13 +245,13 @@ class Gateway:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        completed = await _collect_unless_disconnected(request, generation)
+        completed = await collect_unless_disconnected(request, generation)
         if completed is None:
             return Response(status_code=499)
         return JSONResponse(body(completed))
 
 
-async def _collect_unless_disconnected(
+async def collect_unless_disconnected(
     request: Request, generation: MeteredGeneration
 ) -> Completed | None:
     """Collect a non-streaming result; ``None`` (engine aborted) if the client went away."""
@@ -261,6 +276,13 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
     async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
         body = gateway.parse(await request.body(), ChatCompletionRequest)
+        session_id = request.headers.get(SESSION_HEADER) or body.session_id
+        if session_id:
+            if gateway.session_turns is None:
+                raise invalid_request(
+                    "Sessions are not enabled on this server.", param="session_id"
+                )
+            return await gateway.session_turns.run(request, body, session_id, arrived)
         prepared = gateway.prepare(request, body, id_prefix="chatcmpl", arrived=arrived)
         model = prepared.engine.model_name
         return await gateway.respond(
@@ -354,18 +376,22 @@ def create_app(
     metrics: Metrics,
     incidents: IncidentLog | None = None,
     tenants: TenantResolver | None = None,
+    sessions: SessionService | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``engines``; its lifespan starts and stops them.
 
     Without ``tenants`` every caller is tenant ``default`` under a salt from a random
     per-process secret (stored KV is then not found again after a restart); the CLI passes
-    ``TenantResolver.from_env(settings.home)`` so salts survive restarts.
+    ``TenantResolver.from_env(settings.home)`` so salts survive restarts. With ``sessions``
+    the ``/v1/sessions`` routes are served and chat turns may name a session; the caller
+    owns (and closes) the service.
     """
     gateway = Gateway(
         engines,
         metrics=metrics,
         incidents=incidents,
         tenants=tenants if tenants is not None else TenantResolver(secrets.token_bytes(32)),
+        sessions=sessions,
     )
 
     @contextlib.asynccontextmanager
@@ -380,8 +406,16 @@ def create_app(
     app.state.gateway = gateway
     _install_routes(app, gateway)
     _install_error_handlers(app, gateway)
+    if sessions is not None:
+        install_session_routes(app, gateway, sessions)
     app.add_middleware(RequestIdMiddleware)
     return app
 
 
-__all__ = ["REQUEST_ID_HEADER", "Gateway", "RequestIdMiddleware", "create_app"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "Gateway",
+    "RequestIdMiddleware",
+    "collect_unless_disconnected",
+    "create_app",
+]

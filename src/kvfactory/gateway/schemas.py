@@ -117,6 +117,9 @@ class ChatCompletionRequest(_GenerationFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
+    session_id: str | None = Field(
+        default=None, description="extension: run on this session (or header X-Session-Id)"
+    )
 
     def check_supported(self) -> None:
         super().check_supported()

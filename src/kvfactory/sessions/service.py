@@ -1,0 +1,45 @@
+"""SessionService: the session store plus the KV pins its live sessions hold.
+
+The gateway and CLI hold one of these. A live session's KV blocks are pinned in the
+context store under ``pin_owner(session_id)`` (the engine pins them while running the
+session's turns); deleting the session releases them. The messages stay the source of
+truth: pins only make eviction keep the accelerator around. This module knows the pins
+only through the small ``PinReleaser`` protocol (``ContextStore`` satisfies it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvfactory._types import BlockKey
+from kvfactory.sessions.store import DEFAULT_ACTOR, SessionStore, pin_owner
+
+
+class PinReleaser(Protocol):
+    def unpin(self, owner: str, keys: Iterable[BlockKey] | None = None) -> None: ...
+
+
+@dataclass
+class SessionService:
+    store: SessionStore
+    pins: PinReleaser | None = None
+
+    def delete(self, session_id: str, tenant: str | None, *, actor: str = DEFAULT_ACTOR) -> None:
+        """Delete the session, then release every KV block it pinned."""
+        self.store.delete(session_id, tenant, actor=actor)
+        if self.pins is not None:
+            self.pins.unpin(pin_owner(session_id))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_session_service(url: str, *, pins: PinReleaser | None = None) -> SessionService:
+    """Open (and migrate) the session database at ``url``: a SQLite path/URL or a
+    ``postgresql://`` URL."""
+    return SessionService(SessionStore(url), pins)
+
+
+__all__ = ["PinReleaser", "SessionService", "open_session_service"]
