@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -41,7 +42,7 @@ async def settle_tasks(rounds: int = 5) -> None:
         await asyncio.sleep(0)
 
 
-def test_requests_per_minute_hold_exactly_under_50_concurrent_clients(tmp_path) -> None:
+def test_requests_per_minute_hold_exactly_under_50_concurrent_clients(tmp_path: Path) -> None:
     clock = Clock()
     incidents = IncidentLog(tmp_path / "incidents.jsonl")
     admission = Admission(

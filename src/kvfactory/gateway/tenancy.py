@@ -6,9 +6,16 @@ and never taken from a client. The secret lives in ``KVFACTORY_SERVER_SECRET`` o
 0600 file under the kvfactory home, created once, so a restarted server derives the same
 salts and keeps its disk hits.
 
-Minimal on purpose: with no API keys configured every caller is the tenant ``default``;
-with ``KVFACTORY_API_KEYS="key1=team-a,key2=team-b"`` a bearer key selects the tenant and
-anything else is a 401. This module does not know quotas, routes or engines.
+With no API keys configured every caller is the tenant ``default``; with
+``KVFACTORY_API_KEYS="key1=team-a,key2=team-b"`` (plaintext, for quick local use) or with
+``hashed_keys`` (sha256 hex of each key -> tenant, as the factory config stores them) a
+bearer key selects the tenant and anything else is a 401. Only digests are ever held in
+memory; ``hash_api_key`` is the one definition of the digest (``kvfactory tenants
+hash-key`` prints it). This module does not know quotas, routes or engines.
+
+Interface: ``TenantResolver(secret, api_keys=None, *, hashed_keys=None)``,
+``.resolve(authorization) -> Tenant``, ``.salt_for(name)``, ``.tenant(name)``,
+``.tenants`` (names with a key), ``hash_api_key(key) -> str``.
 """
 
 from __future__ import annotations
@@ -77,17 +84,46 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     return keys
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def hash_api_key(key: str) -> str:
+    """The sha256 hex digest stored in config as ``key_sha256`` (whitespace trimmed)."""
+    if not key.strip():
+        raise ValueError("an API key must not be empty")
+    return _digest(key.strip()).hex()
+
+
+def _parse_digest(hexdigest: str) -> bytes:
+    text = hexdigest.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ConfigError(
+            # Never echo the value: a plaintext key pasted by mistake must not reach a log.
+            f"key_sha256 must be 64 hex digits (sha256 of the key), got {len(text)} characters"
+        )
+    return bytes.fromhex(text)
+
+
 class TenantResolver:
     """Maps the ``Authorization`` header to a ``Tenant``; salts are derived, never stored."""
 
-    def __init__(self, secret: bytes, api_keys: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        secret: bytes,
+        api_keys: Mapping[str, str] | None = None,
+        *,
+        hashed_keys: Mapping[str, str] | None = None,
+    ):
         if len(secret) != 32:
             raise ValueError("the server secret must be 32 bytes")
         self._secret = secret
-        self._tenant_by_key_digest = {
-            hashlib.sha256(key.encode()).digest(): tenant
-            for key, tenant in (api_keys or {}).items()
-        }
+        self._tenant_by_key_digest: dict[bytes, str] = {}
+        pairs = [(_digest(key), tenant) for key, tenant in (api_keys or {}).items()]
+        pairs += [(_parse_digest(hexdigest), t) for hexdigest, t in (hashed_keys or {}).items()]
+        for digest, tenant in pairs:
+            if self._tenant_by_key_digest.setdefault(digest, tenant) != tenant:
+                raise ConfigError(f"one API key is configured for two tenants ({tenant})")
 
     @classmethod
     def from_env(cls, home: Path, env: Mapping[str, str] | None = None) -> TenantResolver:
@@ -97,6 +133,11 @@ class TenantResolver:
     @property
     def requires_key(self) -> bool:
         return bool(self._tenant_by_key_digest)
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        """The tenants that have at least one key."""
+        return frozenset(self._tenant_by_key_digest.values())
 
     def salt_for(self, tenant: str) -> bytes:
         return blake3.blake3(_SALT_CONTEXT + tenant.encode("utf-8"), key=self._secret).digest(32)
@@ -112,7 +153,8 @@ class TenantResolver:
         scheme, _, key = (authorization or "").partition(" ")
         found = None
         if scheme.lower() == "bearer" and key:
-            found = self._tenant_by_key_digest.get(hashlib.sha256(key.strip().encode()).digest())
+            # A dict lookup by digest: timing reveals nothing about any stored key's bytes.
+            found = self._tenant_by_key_digest.get(_digest(key.strip()))
         if found is None:
             raise APIError(
                 401,
@@ -129,6 +171,7 @@ __all__ = [
     "SECRET_ENV",
     "Tenant",
     "TenantResolver",
+    "hash_api_key",
     "load_server_secret",
     "parse_api_keys",
 ]
