@@ -33,6 +33,7 @@ from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
 from kvfactory.planner.commands import register as register_planner_commands
+from kvfactory.sessions.commands import register as register_session_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes")
 USAGE_EXIT_CODE = 2
@@ -131,6 +132,14 @@ RemoteOpt = Annotated[
         help="Shared tier after disk: redis://, valkey:// or redis+cluster://h1:p1,h2:p2.",
     ),
 ]
+SessionsDbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sessions-db",
+        help="Session database: SQLite path/URL, or postgresql:// to share it between "
+        "gateways (default: HOME/sessions.db).",
+    ),
+]
 
 app = typer.Typer(
     name="kvfactory",
@@ -143,6 +152,7 @@ store_app = typer.Typer(help="Inspect and manage the context store.", no_args_is
 app.add_typer(store_app, name="store")
 register_planner_commands(app)
 register_bench_commands(app)
+register_session_commands(app, load=build_settings)
 register_tenants_commands(app)
 
 
@@ -183,6 +193,7 @@ def serve(
         bool | None,
         typer.Option("--exact/--fast", help="Chunk-aligned prefill (bit-exact reuse) or fastest."),
     ] = None,
+    sessions_db: SessionsDbOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -198,6 +209,7 @@ def serve(
             "disk_bytes": disk_bytes,
             "chunk_tokens": chunk_tokens,
             "remote_url": store_remote,
+            "sessions_url": sessions_db,
             "reuse": reuse,
             "exact_prefill": exact,
             "log_level": log_level,
@@ -213,6 +225,7 @@ def run_server(settings: Settings) -> None:
 
     from kvfactory.engines.hf import HFEngine, resolve_model_dir
     from kvfactory.gateway import TenantResolver, create_app
+    from kvfactory.sessions.commands import open_session_database, redacted_url
     from kvfactory.store.factory import open_store
     from kvfactory.telemetry import IncidentLog, Metrics
 
@@ -227,18 +240,23 @@ def run_server(settings: Settings) -> None:
     # --model fails fast and leaves no store folder behind.
     model_dir = resolve_model_dir(settings, console=console)
     log.info("loading model %s from %s", settings.served_model_name or model_dir.name, model_dir)
+    # Opened (and migrated) before the store and the weights: a bad URL fails fast.
+    sessions = open_session_database(settings.resolved_sessions_url)
+    log.info("sessions database at %s", redacted_url(settings.resolved_sessions_url))
     store = None
-    if settings.reuse:
-        store = open_store(
-            settings,
-            metrics=metrics.store,
-            incidents=incidents,
-            extra_tiers=remote,
-        )
-        _log_store(log, settings, store.stats().tiers)
-    else:
-        log.info("context store off (--no-reuse): every prompt is prefilled from scratch")
     try:
+        if settings.reuse:
+            store = open_store(
+                settings,
+                metrics=metrics.store,
+                incidents=incidents,
+                extra_tiers=remote,
+            )
+            _log_store(log, settings, store.stats().tiers)
+        else:
+            log.info("context store off (--no-reuse): every prompt is prefilled from scratch")
+        # Deleting a session releases the KV blocks the engine pinned for it in this store.
+        sessions.pins = store
         engine = HFEngine(
             model_dir,
             settings=settings,
@@ -247,7 +265,9 @@ def run_server(settings: Settings) -> None:
             incidents=incidents,
             console=console,
         )
-        app_ = create_app([engine], metrics=metrics, incidents=incidents, tenants=tenants)
+        app_ = create_app(
+            [engine], metrics=metrics, incidents=incidents, tenants=tenants, sessions=sessions
+        )
         log.info(
             "serving model '%s' (%s prefill) at http://%s:%d/v1  (metrics: /metrics)",
             engine.model_name,
@@ -264,6 +284,7 @@ def run_server(settings: Settings) -> None:
             timeout_graceful_shutdown=10,
         )
     finally:
+        sessions.close()
         if store is not None:
             store.close()
 

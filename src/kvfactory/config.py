@@ -58,6 +58,11 @@ class Settings(BaseModel):
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=256, ge=1, description="requests waiting before 429")
     remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")
+    sessions_url: str | None = Field(
+        default=None,
+        description="session database: a SQLite path/URL or postgresql:// (several gateways); "
+        "default: HOME/sessions.db",
+    )
     log_level: str = "info"
 
     @field_validator("store_dir", mode="after")
@@ -68,6 +73,12 @@ class Settings(BaseModel):
     @property
     def resolved_store_dir(self) -> Path:
         return self.store_dir if self.store_dir is not None else self.home / "store"
+
+    @property
+    def resolved_sessions_url(self) -> str:
+        if self.sessions_url is not None:
+            return self.sessions_url
+        return f"sqlite:///{(self.home / 'sessions.db').expanduser()}"
 
     @property
     def models_dir(self) -> Path:
