@@ -134,6 +134,10 @@ def _console() -> Console:
     return probe if probe.is_terminal else Console(width=WIDE_OUTPUT)
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -259,7 +263,8 @@ def _info_table(info: SessionInfo, shown: Version) -> Table:
         ("tenant", info.tenant),
         ("model", info.model),
         ("head", f"version {info.head}"),
-        ("showing", f"version {shown.number} ({shown.kind}, parent {shown.parent})"),
+        ("showing", f"version {shown.number} ({shown.kind}, parent "
+            f"{'-' if shown.parent is None else shown.parent})"),
         ("overflow", str(info.overflow)),
         ("max context", "model's window" if info.max_context_tokens is None else
             f"{info.max_context_tokens} tokens"),
@@ -273,7 +278,7 @@ def _info_table(info: SessionInfo, shown: Version) -> Table:
 
 
 def _messages_table(version: Version) -> Table:
-    table = Table(title=f"{len(version.messages)} messages of version {version.number}")
+    table = Table(title=f"{_count(len(version.messages), 'message')} of version {version.number}")
     table.add_column("#", justify="right")
     table.add_column("role")
     table.add_column("pinned")
@@ -309,7 +314,7 @@ def log_command(
         typer.echo(json.dumps({"id": info.id, "head": info.head, "data": rows}))
         return
     if audit:
-        table = Table(title=f"audit log of {info.id} ({len(entries)} entries)")
+        table = Table(title=f"audit log of {info.id} ({_count(len(entries), 'entry', 'entries')})")
         for column in ("seq", "at (UTC)", "action", "actor", "payload", "hash"):
             table.add_column(column, justify="right" if column == "seq" else "left")
         for entry in entries:
@@ -443,11 +448,11 @@ def verify_command(
         return
     if not report.ok:
         more = len(report.problems) - 1
-        also = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        also = f" (and {_count(more, 'more problem')})" if more else ""
         raise SessionCommandFailed(f"audit chain broken: {report.problems[0]}{also}")
     typer.echo(
-        f"audit verified: {report.sessions} session{'s' if report.sessions != 1 else ''}, "
-        f"{report.entries} entries, every version matches its recorded digest"
+        f"audit verified: {_count(report.sessions, 'session')}, "
+        f"{_count(report.entries, 'entry', 'entries')}, every version matches its recorded digest"
     )
 
 
@@ -462,10 +467,11 @@ def rm_command(
     """Delete a session's messages; its audit chain stays (ending in a delete entry)."""
     with _service(ctx, sessions_db, config) as service:
         versions = len(service.store.versions(session_id, tenant))
-        if not yes and not typer.confirm(f"Delete session {session_id} ({versions} versions)?"):
+        question = f"Delete session {session_id} ({_count(versions, 'version')})?"
+        if not yes and not typer.confirm(question):
             raise SessionCommandFailed("nothing deleted")
         service.delete(session_id, tenant, actor=CLI_ACTOR)
-    typer.echo(f"deleted {session_id} ({versions} versions)")
+    typer.echo(f"deleted {session_id} ({_count(versions, 'version')})")
 
 
 COMMANDS: Sequence[tuple[str, Any]] = (
