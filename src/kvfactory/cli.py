@@ -31,6 +31,7 @@ from rich.table import Table
 from kvfactory.bench.commands import register as register_bench_commands
 from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
+from kvfactory.gateway.factory.commands import register as register_gateway_commands
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
 from kvfactory.planner.commands import register as register_planner_commands
 from kvfactory.sessions.commands import register as register_session_commands
@@ -154,6 +155,7 @@ register_planner_commands(app)
 register_bench_commands(app)
 register_session_commands(app, load=build_settings)
 register_tenants_commands(app)
+register_gateway_commands(app)
 
 
 def _stderr() -> Console:

@@ -1,0 +1,129 @@
+"""Backends as the gateway holds them: one pooled HTTP client, load counters and health each.
+
+A ``Backend`` is an OpenAI-compatible upstream (kvfactory, vLLM or a hosted API) reached
+through its own ``httpx.AsyncClient``, so connections are reused and one slow upstream
+cannot exhaust another's pool. It counts requests and prompt tokens in flight (the load
+the router sees) and carries a ``Health``. ``Backends`` is the set built from the config.
+This module does not decide where a request goes or what a failure means.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from kvfactory.errors import ConfigError
+from kvfactory.gateway.factory.config import BackendConfig, FactoryConfig
+from kvfactory.gateway.factory.health import CircuitBreaker, Clock, Health
+
+
+@dataclass(slots=True)
+class Load:
+    requests: int = 0
+    tokens: int = 0
+    """Estimated prompt + completion tokens of the requests in flight."""
+
+
+class Backend:
+    """One upstream and everything the gateway remembers about it."""
+
+    def __init__(
+        self,
+        name: str,
+        config: BackendConfig,
+        *,
+        clock: Clock,
+        env: Mapping[str, str],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.name = name
+        self.config = config
+        self.health = Health(
+            CircuitBreaker(config.failure_threshold, config.cooldown_s, clock=clock)
+        )
+        self.load = Load()
+        headers = {"Content-Type": "application/json"}
+        if config.api_key_env:
+            key = env.get(config.api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"backends.{name}.api_key_env: environment variable "
+                    f"{config.api_key_env} is not set"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.AsyncClient(
+            base_url=config.api_root,
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+                keepalive_expiry=30.0,
+            ),
+            transport=transport,
+        )
+
+    def upstream_model(self, public_model: str) -> str:
+        return self.config.upstream_model(public_model)
+
+    def begin(self, tokens: int) -> None:
+        self.load.requests += 1
+        self.load.tokens += tokens
+
+    def end(self, tokens: int) -> None:
+        self.load.requests -= 1
+        self.load.tokens -= tokens
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "kind": self.config.kind,
+            "url": self.config.api_root,
+            "in_flight": self.load.requests,
+            "in_flight_tokens": self.load.tokens,
+            **self.health.snapshot(),
+        }
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Backends(Mapping[str, Backend]):
+    """The configured backends by name, in declaration order."""
+
+    def __init__(self, backends: dict[str, Backend]):
+        self._by_name = backends
+
+    @classmethod
+    def from_config(
+        cls,
+        config: FactoryConfig,
+        *,
+        clock: Clock,
+        env: Mapping[str, str] | None = None,
+    ) -> Backends:
+        source = os.environ if env is None else env
+        return cls(
+            {
+                name: Backend(name, backend, clock=clock, env=source)
+                for name, backend in config.backends.items()
+            }
+        )
+
+    def __getitem__(self, name: str) -> Backend:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    async def aclose(self) -> None:
+        for backend in self._by_name.values():
+            await backend.aclose()
+
+
+__all__ = ["Backend", "Backends", "Load"]

@@ -1,0 +1,207 @@
+"""``kvfactory gateway`` (serve, ``canary``) and ``kvfactory incidents``.
+
+``register(app)`` adds the commands to the CLI. ``kvfactory gateway --config factory.toml``
+serves the factory gateway under uvicorn (uvloop and httptools when installed);
+``kvfactory gateway canary --config factory.toml [--record]`` runs one canary round and
+prints it (``--record`` replaces every baseline). ``kvfactory incidents`` shows the incident
+log from a JSONL file or a running gateway's ``/v1/incidents`` as a table. Bad input is a
+``ConfigError``: one line on the CLI, exit code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kvfactory.config import load_settings
+from kvfactory.errors import ConfigError
+from kvfactory.gateway.factory.backends import Backends
+from kvfactory.gateway.factory.canary import Canary, Check, Verdict
+from kvfactory.gateway.factory.config import FactoryConfig, load_config
+from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="The factory TOML file.")]
+
+
+def _require(config: Path | None) -> FactoryConfig:
+    if config is None:
+        raise ConfigError("--config FILE is required (the factory TOML)")
+    return load_config(config)
+
+
+def run_gateway(
+    config: FactoryConfig, *, host: str | None, port: int | None, log_level: str | None
+) -> None:
+    import uvicorn
+
+    from kvfactory.gateway.factory.app import create_factory_app
+    from kvfactory.gateway.tenancy import load_server_secret
+
+    settings = config.gateway
+    app = create_factory_app(config, secret=load_server_secret(load_settings({}).home))
+    Console(stderr=True).print(
+        f"kvfactory gateway: {len(config.backends)} backends, routes "
+        f"{', '.join(config.resolved_routes())} at http://{host or settings.host}:"
+        f"{port or settings.port}/v1",
+        highlight=False,
+    )
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=settings.port if port is None else port,
+        log_level=(log_level or settings.log_level).lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+async def _canary_round(config: FactoryConfig, record: bool) -> list[Check]:
+    import time
+
+    backends = Backends.from_config(config, clock=time.monotonic)
+    try:
+        incidents = IncidentLog(config.gateway.incidents)
+        canary = Canary(config.canary, backends, config.resolved_routes(), incidents)
+        return await canary.run_once(record=record)
+    finally:
+        await backends.aclose()
+
+
+def _canary_table(checks: list[Check]) -> Table:
+    table = Table(title="canary round")
+    for column in ("backend", "prompt", "verdict", "latency", "detail"):
+        table.add_column(column)
+    colours = {Verdict.PASS: "green", Verdict.RECORDED: "cyan"}
+    for check in checks:
+        colour = colours.get(check.verdict, "red")
+        table.add_row(
+            check.backend,
+            escape(check.prompt[:40]),
+            f"[{colour}]{check.verdict}[/{colour}]",
+            f"{check.latency_s * 1000:.0f} ms",
+            escape(check.detail[:80]),
+        )
+    return table
+
+
+def _read_incidents(
+    path: Path | None, url: str | None, kind: str | None, limit: int
+) -> list[dict[str, Any]]:
+    if kind is not None and kind not in {k.value for k in IncidentKind}:
+        known = ", ".join(k.value for k in IncidentKind)
+        raise ConfigError(f"--kind: unknown incident kind '{kind}' (known: {known})")
+    if url is not None:
+        base = url.rstrip("/").removesuffix("/v1")
+        params: dict[str, str | int] = {"limit": limit, **({"kind": kind} if kind else {})}
+        try:
+            response = httpx.get(f"{base}/v1/incidents", params=params, timeout=10)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"--url {url}: {exc}") from exc
+        data: list[dict[str, Any]] = response.json()["data"]
+        return data
+    assert path is not None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+        if kind is None or item.get("kind") == kind:
+            items.append(item)
+    return items[-limit:]
+
+
+def _incident_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(items)} incidents")
+    for column in ("at (UTC)", "kind", "backend", "tenant", "request", "message"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        at = dt.datetime.fromtimestamp(float(item.get("at", 0)), tz=dt.UTC)
+        table.add_row(
+            at.strftime("%Y-%m-%d %H:%M:%S"),
+            str(item.get("kind", "")),
+            escape(str(item.get("backend") or "")),
+            escape(str(item.get("tenant") or "")),
+            escape(str(item.get("request_id") or "")),
+            escape(str(item.get("message", ""))),
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    gateway_app = typer.Typer(
+        help="The factory gateway: one OpenAI-compatible front over many backends.",
+        invoke_without_command=True,
+    )
+
+    @gateway_app.callback()
+    def gateway(
+        ctx: typer.Context,
+        config: ConfigOpt = None,
+        host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+        port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+        log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
+    ) -> None:
+        """Serve the gateway for --config (or run a subcommand)."""
+        ctx.obj = config
+        if ctx.invoked_subcommand is None:
+            run_gateway(_require(config), host=host, port=port, log_level=log_level)
+
+    @gateway_app.command("canary")
+    def canary(
+        ctx: typer.Context,
+        config: ConfigOpt = None,
+        record: Annotated[
+            bool, typer.Option("--record", help="Record every answer as the new baseline.")
+        ] = False,
+    ) -> None:
+        """One canary round against every backend; records missing baselines."""
+        loaded = _require(config or ctx.obj)
+        checks = asyncio.run(_canary_round(loaded, record))
+        Console().print(_canary_table(checks))
+        if any(c.verdict in (Verdict.DRIFT, Verdict.SLOW) for c in checks):
+            raise typer.Exit(1)
+
+    @app.command("incidents")
+    def incidents(
+        file: Annotated[
+            Path | None, typer.Option("--file", help="An incidents JSONL file.")
+        ] = None,
+        url: Annotated[str | None, typer.Option("--url", help="A running gateway.")] = None,
+        config: ConfigOpt = None,
+        kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+        limit: Annotated[int, typer.Option(min=1, help="The most recent N.")] = 50,
+        as_json: Annotated[bool, typer.Option("--json", help="JSON lines, not a table.")] = False,
+    ) -> None:
+        """The incident log (file, gateway URL, or the config's incidents file)."""
+        if file is None and url is None:
+            if config is None:
+                raise ConfigError("give --file, --url or --config")
+            file = load_config(config).gateway.incidents
+        items = _read_incidents(file, url, kind, limit)
+        if as_json:
+            for item in items:
+                typer.echo(json.dumps(item, sort_keys=True))
+        else:
+            Console().print(_incident_table(items))
+
+    app.add_typer(gateway_app, name="gateway")
+
+
+__all__ = ["register", "run_gateway"]
