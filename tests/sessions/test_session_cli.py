@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from kvfactory.cli import main
 from kvfactory.sessions import Message, SessionNotFoundError, SessionStore
@@ -347,3 +348,32 @@ def test_console_entry_point_bad_session_id_is_one_line(database: Path, tmp_path
     assert result.stderr.strip().splitlines() == [
         "error: No session 'sess_nope' exists for this tenant."
     ]
+
+
+def test_the_cli_works_the_same_on_postgresql(
+    capsys: pytest.CaptureFixture[str], db_url: str
+) -> None:
+    """SQLite and PostgreSQL (several gateways' shared database) through the same URL flag."""
+    cli = Cli(capsys, Path("unused"))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        return cli(*argv, "--sessions-db", db_url, database=False)
+
+    code, out, err = run("session", "create", "--model", "smol", "--system", SYSTEM)
+    assert code == 0, err
+    sid = out.strip()
+    with SessionStore(db_url) as store:
+        store.append(sid, "default", _turn(1))
+    code, out, _ = run("session", "log", sid, "--json")
+    assert code == 0 and [v["version"] for v in json.loads(out)["data"]] == [1, 2]
+    assert run("session", "verify")[0] == 0
+    with SessionStore(db_url) as store:
+        engine = sa.create_engine(store.url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("DELETE FROM kv_session_audit WHERE session_id = :sid AND seq = 2"),
+                {"sid": sid},
+            )
+        engine.dispose()
+    code, _, err = run("session", "verify")
+    assert code == 1 and err.count("\n") == 1 and "entries removed or rewritten" in err
