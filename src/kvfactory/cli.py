@@ -35,6 +35,7 @@ from kvfactory.gateway.factory.commands import register as register_gateway_comm
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
 from kvfactory.planner.commands import register as register_planner_commands
 from kvfactory.sessions.commands import register as register_session_commands
+from kvfactory.telemetry.report_command import register as register_report_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes")
 USAGE_EXIT_CODE = 2
@@ -155,6 +156,7 @@ register_planner_commands(app)
 register_bench_commands(app)
 register_session_commands(app, load=build_settings)
 register_tenants_commands(app)
+register_report_commands(app)
 register_gateway_commands(app)
 
 
