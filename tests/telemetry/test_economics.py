@@ -95,8 +95,12 @@ def test_sampled_power_integrates_what_its_thread_read() -> None:
     # Each reading advances the clock by one, then is stamped: (1, 100), (2, 100),
     # (3, 100), (4, 300), ... so the last 4 "seconds" are known exactly.
     assert samples[:4] == [(1.0, 100.0), (2.0, 100.0), (3.0, 100.0), (4.0, 300.0)]
-    end = samples[-1][0]
-    expected = 900.0 if end == 6 else 1200.0  # [2, 6]: 100+200+300+300; later: 4 x 300
+    end = int(samples[-1][0])
+
+    def watts(t: int) -> float:
+        return 100.0 if t <= 3 else 300.0
+
+    expected = sum((watts(k) + watts(k + 1)) / 2 for k in range(end - 4, end))  # 1 s steps
     assert power.energy(4, end=end).joules == pytest.approx(expected)
     assert power.energy(4, end=end).source == "test"
 
@@ -184,3 +188,20 @@ def test_a_corrupt_line_is_reported_and_the_good_ones_kept(tmp_path: Path) -> No
     assert [p.split(":")[0] for p in contents.problems] == ["line 2", "line 4", "line 7"]
     assert "not JSON" in contents.problems[0] and "prompt_tokens" in contents.problems[1]
     assert UsageRecord.from_json(json.loads(good[1])) == contents.records[1]
+
+
+@pytest.mark.gpu
+def test_nvml_measures_a_real_gpu() -> None:
+    pytest.importorskip("pynvml")
+    power = NvmlPower.open()
+    if power is None:
+        pytest.skip("no NVIDIA GPU answers NVML")
+    try:
+        while len(power.samples()) < 3:
+            threading.Event().wait(0.05)
+        energy = power.energy(0.2)
+        assert not energy.estimated and energy.source == "nvml:0"
+        assert all(watts > 0 for _, watts in power.samples())  # a powered board draws watts
+        assert energy.joules > 0
+    finally:
+        power.close()

@@ -35,7 +35,9 @@ rejection is ``APIError(429, code="rate_limit_exceeded")`` with ``Retry-After`` 
 ``IncidentLog`` is given, a ``quota_reject`` incident. ``priority`` may lower a request's
 class below its tenant's, never raise it above (a client cannot buy its way up).
 
-Not thread-safe: one ``Admission`` serves one event loop. This module does not know API
+Not thread-safe: one ``Admission`` serves one event loop. Limits hold per gateway process:
+N gateways behind a load balancer each enforce the full limits (configure each with its
+share; a shared-window backend would be a new ``QuotaWindow`` implementation). This module does not know API
 keys, HTTP, routes or backends; ``tenant_config`` builds it from the config file.
 """
 
