@@ -12,6 +12,8 @@ and produce the reference output exactly (greedy). The second server also runs t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,3 +204,22 @@ def test_summarize_overflow_commits_a_pinned_summary_version(restarted: httpx.Cl
     assert compacted[-1] == {"role": "user", "content": "Next question please.", "pinned": False}
     assert head[:-1] == compacted and head[-1]["role"] == "assistant"
     assert head[-1]["content"] == turn["choices"][0]["message"]["content"]
+
+
+def test_a_bad_sessions_db_fails_serve_before_the_store_and_weights(
+    home: Home, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    flags = [*home.flags, "--store-dir", str(store_dir), "--sessions-db", "mysql://db/sessions"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kvfactory", "serve", *flags],
+        capture_output=True,
+        text=True,
+        env=home.env,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sqlite and postgresql" in errors[0]
+    assert not store_dir.exists()

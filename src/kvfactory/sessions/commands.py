@@ -415,8 +415,7 @@ def import_command(
     sessions_db: SessionsDbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Recreate an exported session for --tenant (its audit chain must verify); prints
-    the id."""
+    """Recreate an exported session for --tenant (its chain must verify); prints its id."""
     raw = _read_json(document)
     if not isinstance(raw, Mapping):
         raise SessionCommandFailed(f"{document} is not an exported session document")
@@ -435,8 +434,7 @@ def verify_command(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the hash-chained audit log and every version against it; exit code 1 when
-    any entry was edited or removed."""
+    """Check audit chains and version digests; exit code 1 on an edited or removed entry."""
     with _service(ctx, sessions_db, config) as service:
         if session_id is not None:
             service.store.audit_log(session_id, tenant)  # another tenant's: not found
