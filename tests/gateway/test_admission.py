@@ -132,6 +132,7 @@ def test_tokens_per_minute_reserve_then_settle_returns_unused() -> None:
         with pytest.raises(APIError) as caught:
             await admission.admit("t", 1001)  # larger than the quota itself
         assert caught.value.headers["Retry-After"] == "60"
+        assert "too large" in caught.value.message
 
     run(scenario)
 

@@ -357,7 +357,12 @@ class Admission:
         verdict: QuotaVerdict | None,
     ) -> APIError:
         retry_after = retry_after_header(retry_after_s)
-        if verdict is not None:
+        if verdict is not None and verdict.never_fits:
+            message = (
+                f"Request too large for tenant '{tenant}': it needs more tokens than its "
+                f"{verdict.limit} of {verdict.allowed}; lower max_tokens or the prompt."
+            )
+        elif verdict is not None:
             message = (
                 f"Rate limit reached for tenant '{tenant}': {verdict.limit} is "
                 f"{verdict.allowed} (used {verdict.used}). Retry after {retry_after} s."

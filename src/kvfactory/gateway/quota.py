@@ -41,6 +41,7 @@ class QuotaVerdict:
     allowed: int
     used: int
     retry_after_s: float
+    never_fits: bool = False  # the request alone is larger than the limit
 
 
 class QuotaWindow:
@@ -86,9 +87,8 @@ class QuotaWindow:
             wait = oldest_needed.at + self.window_s - now
             return QuotaVerdict("requests_per_minute", rpm, len(self._log), wait)
         if tpm is not None and self._tokens + tokens > tpm:
-            return QuotaVerdict(
-                "tokens_per_minute", tpm, self._tokens, self._token_wait(now, tokens, tpm)
-            )
+            wait = self._token_wait(now, tokens, tpm)
+            return QuotaVerdict("tokens_per_minute", tpm, self._tokens, wait, tokens > tpm)
         return None
 
     def _token_wait(self, now: float, tokens: int, tpm: int) -> float:
