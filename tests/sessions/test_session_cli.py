@@ -89,16 +89,16 @@ def test_create_show_log_fork_rollback_rm(cli: Cli, database: Path, tmp_path: Pa
     sid = _create(cli, tmp_path)
     with SessionStore(str(database)) as store:
         store.append(sid, "default", _turn(1))
-        store.append(sid, "default", _turn(2))
+        store.append(sid, "default", [*_turn(2)[:1], Message("assistant", "[red]answer 2[/red]")])
 
     shown = cli.ok("session", "show", sid)
-    for needle in (sid, "drop_oldest", "500 tokens", "version 3", SYSTEM, "answer 2"):
+    for needle in (sid, "drop_oldest", "500 tokens", "version 3", SYSTEM, "[red]answer 2[/red]"):
         assert needle in shown, needle
     described = cli.json("session", "show", sid)
     version = described["version"]
     assert isinstance(version, dict)
     assert (described["head"], described["tenant"], version["version"]) == (3, "default", 3)
-    assert [m["content"] for m in version["messages"]][-2:] == ["question 2", "answer 2"]
+    assert [m["content"] for m in version["messages"]][-2:] == ["question 2", "[red]answer 2[/red]"]
     old = cli.json("session", "show", sid, "--version", "1")["version"]
     assert isinstance(old, dict) and len(old["messages"]) == 2
 

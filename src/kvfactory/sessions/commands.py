@@ -10,7 +10,8 @@ A failure (unknown session, bad document, broken audit chain, a database that ca
 opened) is one line on stderr and exit code 1; invalid settings are ``ConfigError`` (exit
 code 2, like every other command). KV pins live in the server's memory, so ``rm`` here erases the
 messages and the server drops the pins when it restarts. This module only parses, calls
-the session store and prints; it knows neither HTTP nor engines.
+the session store and prints (tables come from ``render``); it knows neither HTTP nor
+engines.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -28,11 +28,17 @@ import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, RequestError
-from kvfactory.sessions.model import Message, OverflowPolicy, SessionInfo, Version
+from kvfactory.sessions.model import Message, OverflowPolicy
+from kvfactory.sessions.render import (
+    audit_table,
+    counted,
+    info_table,
+    messages_table,
+    versions_table,
+)
 from kvfactory.sessions.schema import normalize_url
 from kvfactory.sessions.service import PinReleaser, SessionService, open_session_service
 from kvfactory.sessions.transfer import export_session, import_session
@@ -41,7 +47,6 @@ FAILURE_EXIT_CODE = 1
 DEFAULT_TENANT = "default"
 CLI_ACTOR = "cli"
 WIDE_OUTPUT = 160
-DIGEST_CHARS = 12
 
 
 class SettingsLoader(Protocol):
@@ -71,7 +76,8 @@ def open_session_database(url: str, *, pins: PinReleaser | None = None) -> Sessi
     try:
         return open_session_service(url, pins=pins)
     except sa.exc.SQLAlchemyError as exc:
-        raise ConfigError(f"cannot open the session database {url}: {_first_line(exc)}") from exc
+        where = redacted_url(url)
+        raise ConfigError(f"cannot open the session database {where}: {_first_line(exc)}") from exc
 
 
 def redacted_url(url: str) -> str:
@@ -121,7 +127,8 @@ def _service(
     except RequestError as exc:
         raise SessionCommandFailed(exc.message) from exc
     except sa.exc.SQLAlchemyError as exc:
-        raise SessionCommandFailed(f"session database {url}: {_first_line(exc)}") from exc
+        where = redacted_url(url)
+        raise SessionCommandFailed(f"session database {where}: {_first_line(exc)}") from exc
     except KVFactoryError as exc:
         raise SessionCommandFailed(str(exc)) from exc
     finally:
@@ -132,18 +139,6 @@ def _console() -> Console:
     # Piped output gets a wide fixed width so the tables stay readable in logs.
     probe = Console()
     return probe if probe.is_terminal else Console(width=WIDE_OUTPUT)
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _compact(value: Mapping[str, Any]) -> str:
-    return json.dumps(dict(value), sort_keys=True, ensure_ascii=False) if value else ""
 
 
 def _read_json(source: Path) -> Any:
@@ -251,42 +246,8 @@ def show_command(
         typer.echo(json.dumps({**info.to_dict(), "version": shown.to_dict()}))
         return
     console = _console()
-    console.print(_info_table(info, shown))
-    console.print(_messages_table(shown))
-
-
-def _info_table(info: SessionInfo, shown: Version) -> Table:
-    table = Table(title=f"session {info.id}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    rows = [
-        ("tenant", info.tenant),
-        ("model", info.model),
-        ("head", f"version {info.head}"),
-        ("showing", f"version {shown.number} ({shown.kind}, parent "
-            f"{'-' if shown.parent is None else shown.parent})"),
-        ("overflow", str(info.overflow)),
-        ("max context", "model's window" if info.max_context_tokens is None else
-            f"{info.max_context_tokens} tokens"),
-        ("created", _when(info.created_at)),
-        ("updated", _when(info.updated_at)),
-        ("metadata", _compact(info.metadata) or "-"),
-    ]  # fmt: skip
-    for field, value in rows:
-        table.add_row(field, escape(value))
-    return table
-
-
-def _messages_table(version: Version) -> Table:
-    table = Table(title=f"{_count(len(version.messages), 'message')} of version {version.number}")
-    table.add_column("#", justify="right")
-    table.add_column("role")
-    table.add_column("pinned")
-    table.add_column("content", overflow="fold")
-    for index, message in enumerate(version.messages, start=1):
-        pinned = "yes" if message.pinned else ""
-        table.add_row(str(index), message.role, pinned, escape(message.content))
-    return table
+    console.print(info_table(info, shown))
+    console.print(messages_table(shown))
 
 
 def log_command(
@@ -313,34 +274,7 @@ def log_command(
         )
         typer.echo(json.dumps({"id": info.id, "head": info.head, "data": rows}))
         return
-    if audit:
-        table = Table(title=f"audit log of {info.id} ({_count(len(entries), 'entry', 'entries')})")
-        for column in ("seq", "at (UTC)", "action", "actor", "payload", "hash"):
-            table.add_column(column, justify="right" if column == "seq" else "left")
-        for entry in entries:
-            table.add_row(
-                str(entry.seq),
-                _when(entry.at),
-                entry.action,
-                escape(entry.actor),
-                escape(_compact(entry.payload)),
-                entry.hash[:DIGEST_CHARS],
-            )
-    else:
-        table = Table(title=f"versions of {info.id} (head: version {info.head})")
-        for column in ("version", "parent", "kind", "messages", "created (UTC)", "digest", "note"):
-            table.add_column(column, justify="right" if column == "messages" else "left")
-        for version in versions:
-            marker = " (head)" if version.number == info.head else ""
-            table.add_row(
-                f"{version.number}{marker}",
-                "-" if version.parent is None else str(version.parent),
-                str(version.kind),
-                str(len(version.messages)),
-                _when(version.created_at),
-                version.digest[:DIGEST_CHARS],
-                escape(_compact(version.note)),
-            )
+    table = audit_table(info, entries) if audit else versions_table(info, versions)
     _console().print(table)
 
 
@@ -446,11 +380,11 @@ def verify_command(
         return
     if not report.ok:
         more = len(report.problems) - 1
-        also = f" (and {_count(more, 'more problem')})" if more else ""
+        also = f" (and {counted(more, 'more problem')})" if more else ""
         raise SessionCommandFailed(f"audit chain broken: {report.problems[0]}{also}")
     typer.echo(
-        f"audit verified: {_count(report.sessions, 'session')}, "
-        f"{_count(report.entries, 'entry', 'entries')}, every version matches its recorded digest"
+        f"audit verified: {counted(report.sessions, 'session')}, "
+        f"{counted(report.entries, 'entry', 'entries')}, every version matches its recorded digest"
     )
 
 
@@ -465,11 +399,11 @@ def rm_command(
     """Delete a session's messages; its audit chain stays (ending in a delete entry)."""
     with _service(ctx, sessions_db, config) as service:
         versions = len(service.store.versions(session_id, tenant))
-        question = f"Delete session {session_id} ({_count(versions, 'version')})?"
+        question = f"Delete session {session_id} ({counted(versions, 'version')})?"
         if not yes and not typer.confirm(question):
             raise SessionCommandFailed("nothing deleted")
         service.delete(session_id, tenant, actor=CLI_ACTOR)
-    typer.echo(f"deleted {session_id} ({_count(versions, 'version')})")
+    typer.echo(f"deleted {session_id} ({counted(versions, 'version')})")
 
 
 COMMANDS: Sequence[tuple[str, Any]] = (
