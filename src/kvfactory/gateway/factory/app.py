@@ -41,11 +41,13 @@ from kvfactory.gateway.factory.canary import Canary
 from kvfactory.gateway.factory.config import FactoryConfig, RouteConfig
 from kvfactory.gateway.factory.dispatch import Call, Dispatcher, Finished, FinishSink, Served
 from kvfactory.gateway.factory.health import Clock
+from kvfactory.gateway.factory.ledger import LedgerSink
 from kvfactory.gateway.factory.metrics import GatewayMetrics
 from kvfactory.gateway.factory.routing import Router, RouteRequest, RoutingState, check_strategy
 from kvfactory.gateway.schemas import ChatCompletionRequest, CompletionRequest, now, parse_request
 from kvfactory.gateway.streaming import SSE_HEADERS
 from kvfactory.gateway.tenancy import TenantResolver
+from kvfactory.telemetry.economics import UsageLedger
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -324,10 +326,12 @@ def create_factory_app(
     so pass ``tenancy.load_server_secret(home)`` for salts that survive restarts."""
     clock = clock if clock is not None else time.monotonic
     incidents = incidents if incidents is not None else IncidentLog(config.gateway.incidents)
+    metrics = metrics if metrics is not None else Metrics()
+    ledger = UsageLedger(metrics.registry, config.gateway.ledger)
     tenancy = config.tenancy()
     factory = Factory(
         config,
-        metrics=metrics if metrics is not None else Metrics(),
+        metrics=metrics,
         incidents=incidents,
         tenants=tenancy.resolver(secret if secret is not None else secrets.token_bytes(32)),
         admission=tenancy.admission(clock, incidents=incidents),
@@ -335,10 +339,12 @@ def create_factory_app(
         env=env,
         sinks=sinks,
     )
+    factory.dispatcher.sinks.append(LedgerSink(ledger, factory.backends))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(ledger.close)
             stack.push_async_callback(factory.aclose)
             if config.canary.enabled and config.canary.prompts:
                 await stack.enter_async_context(factory.canary.running())

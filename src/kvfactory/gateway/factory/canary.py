@@ -89,12 +89,26 @@ class Baselines:
     def __init__(self, path: Path):
         self.path = path
         self._data: dict[str, dict[str, Answer]] = {}
-        if path.exists():
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            self._data = {
-                backend: {prompt: Answer(**answer) for prompt, answer in prompts.items()}
-                for backend, prompts in raw.items()
-            }
+        self._mtime_ns: int | None = None
+        self.reload_if_changed()
+
+    def _stat(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def reload_if_changed(self) -> None:
+        """Pick up baselines re-recorded by another process (``gateway canary --record``)."""
+        mtime = self._stat()
+        if mtime is None or mtime == self._mtime_ns:
+            return
+        raw = json.loads(self.path.read_text(encoding="utf-8"))
+        self._data = {
+            backend: {prompt: Answer(**answer) for prompt, answer in prompts.items()}
+            for backend, prompts in raw.items()
+        }
+        self._mtime_ns = mtime
 
     def get(self, backend: str, prompt: str) -> Answer | None:
         return self._data.get(backend, {}).get(prompt)
@@ -108,6 +122,7 @@ class Baselines:
         data = {b: {p: asdict(a) for p, a in ps.items()} for b, ps in self._data.items()}
         temp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(temp, self.path)
+        self._mtime_ns = self._stat()
 
 
 def _logprobs_of(choice: Mapping[str, Any]) -> list[float] | None:
@@ -176,6 +191,7 @@ class Canary:
 
     async def run_once(self, *, record: bool = False) -> list[Check]:
         """One round over every backend (concurrently) and prompt (in order)."""
+        self.baselines.reload_if_changed()
 
         async def one(backend: Backend) -> list[Check]:
             return [await self.check(backend, p, record=record) for p in self.config.prompts]

@@ -104,6 +104,7 @@ class GatewaySettings(_Frozen):
     port: int = Field(default=8080, ge=0, le=65535)
     strategy: str = DEFAULT_STRATEGY
     incidents: Path = Path("incidents.jsonl")
+    ledger: Path = Path("usage.jsonl")
     affinity_chunk_chars: int = Field(default=1024, ge=16, description="text per prefix chunk")
     affinity_entries: int = Field(default=100_000, ge=1, description="remembered chunk hashes")
     log_level: str = "warning"
@@ -168,7 +169,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> FactoryConfig:
         first = exc.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{_where(tuple(first['loc']))}: {message}") from exc
-    gateway = config.gateway.model_copy(update={"incidents": base_dir / config.gateway.incidents})
+    paths = {"incidents": config.gateway.incidents, "ledger": config.gateway.ledger}
+    gateway = config.gateway.model_copy(update={k: base_dir / v for k, v in paths.items()})
     canary = config.canary.model_copy(update={"baselines": base_dir / config.canary.baselines})
     config.tenancy()  # tenant, key and priority mistakes fail at load time, not per request
     return config.model_copy(update={"gateway": gateway, "canary": canary})

@@ -293,13 +293,23 @@ class Dispatcher:
         first = last = time.perf_counter()  # the first output event has just arrived
         outputs = 0
         usage: dict[str, Any] | None = None
-        ok = False
+        accounted = False
+
+        def account(ok: bool) -> None:
+            # Before the last bytes go out: a client that has read [DONE] finds the request
+            # already accounted (ledger line written, admission ticket settled).
+            nonlocal accounted
+            if not accounted:
+                accounted = True
+                backend.end(tokens)
+                self._finish(job, usage, first=first, last=last, outputs=outputs, ok=ok)
+
         pending = upstream.held
         try:
             while True:
                 for event, info in pending:
                     if info.done:
-                        ok = True
+                        account(ok=True)
                         yield DONE
                         return
                     if info.error is not None:
@@ -321,13 +331,13 @@ class Dispatcher:
                 pending = [(event, inspect(event)) for event in splitter.feed(data)]
         except Failed as failed:
             self._on_failure(backend, failed.failure, call, mid_stream=True)
+            account(ok=False)
             if failed.failure.reason != "upstream_error":
                 yield sse_bytes(failed.failure.client_error(call.model).body())
             yield DONE
         finally:
             await response.aclose()
-            backend.end(tokens)
-            self._finish(job, usage, first=first, last=last, outputs=outputs, ok=ok)
+            account(ok=False)  # the client went away mid-stream
 
     def _on_success(self, backend: Backend) -> None:
         backend.health.breaker.record_success()

@@ -1,0 +1,228 @@
+"""The factory gateway's parts on their own: config errors, the circuit breaker's state
+machine on a controlled clock, SSE framing, prefix digests, and strategy orderings over
+real ``Backend`` objects (their pooled clients are never used here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvfactory.errors import ConfigError
+from kvfactory.gateway.factory.affinity import PrefixIndex, prefix_digests
+from kvfactory.gateway.factory.backends import Backends
+from kvfactory.gateway.factory.config import load_config, parse_config
+from kvfactory.gateway.factory.health import CircuitBreaker, CircuitState
+from kvfactory.gateway.factory.relay import EventSplitter, Rewrite, inspect
+from kvfactory.gateway.factory.routing import STRATEGIES, Router, RouteRequest, RoutingState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def config(**backends: dict[str, Any]) -> Any:
+    return parse_config({"backends": backends}, base_dir=Path("/tmp"))
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "backends: Field required"),
+        ({"backends": {"a": {"url": "ftp://x"}}}, "backends.a.url: String should match"),
+        (
+            {"backends": {"a": {"url": "http://x", "price": {"input": -1}}}},
+            "backends.a.price.input: Input should be greater than or equal to 0",
+        ),
+        (
+            {"backends": {"a": {"url": "http://x"}}, "routes": {"m": {"backends": ["b"]}}},
+            "routes.m: unknown backend 'b' (known: a)",
+        ),
+        (
+            {
+                "backends": {"a": {"url": "http://x", "models": {"x": "y"}}},
+                "routes": {"m": {"backends": ["a"]}},
+            },
+            "routes.m: backend 'a' has no models entry for 'm'",
+        ),
+        ({"backends": {"a": {"url": "http://x", "colour": 1}}}, "backends.a.colour: Extra inputs"),
+        (
+            {"backends": {"a": {"url": "http://x"}}, "tenants": {"t": {"key": "plain"}}},
+            "API keys are stored hashed",
+        ),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, base_dir=Path("/tmp"))
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_config_file_paths_and_implicit_routes(tmp_path: Path) -> None:
+    path = tmp_path / "factory.toml"
+    path.write_text(
+        '[backends.a]\nurl = "http://h:1"\nmodels = { m = "up" }\n'
+        '[backends.b]\nurl = "http://h:2/v1"\nmodels = { m = "up2", n = "n" }\n'
+    )
+    loaded = load_config(path)
+    assert loaded.gateway.incidents == tmp_path / "incidents.jsonl"
+    assert loaded.canary.baselines == tmp_path / "canary-baselines.json"
+    routes = loaded.resolved_routes()
+    assert routes["m"].backends == ["a", "b"] and routes["n"].backends == ["b"]
+    assert loaded.backends["a"].api_root == "http://h:1/v1"
+    path.write_text("[backends\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(path)
+
+
+def test_a_missing_api_key_variable_is_a_config_error() -> None:
+    loaded = config(a={"url": "http://x", "api_key_env": "KVF_TEST_NOT_SET"})
+    with pytest.raises(ConfigError, match="KVF_TEST_NOT_SET is not set"):
+        Backends.from_config(loaded, clock=Clock(), env={})
+
+
+# -- circuit breaker -------------------------------------------------------------------------
+
+
+def test_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(2, 5.0, clock=clock)
+    assert not breaker.record_failure()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.record_failure()  # opened: reported once
+    assert breaker.state is CircuitState.OPEN and not breaker.acquire()
+    clock.now = 5.0
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.acquire() and not breaker.acquire()  # exactly one probe
+    assert not breaker.record_failure()  # the probe failed: open again, not "newly opened"
+    assert breaker.state is CircuitState.OPEN
+    clock.now = 9.9
+    assert not breaker.available()
+    clock.now = 10.0
+    assert breaker.acquire()
+    assert breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED and breaker.consecutive_failures == 0
+
+
+def test_a_released_probe_can_be_claimed_again() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 1.0, clock=clock)
+    breaker.record_failure()
+    clock.now = 1.0
+    assert breaker.acquire()
+    breaker.release()
+    assert breaker.acquire()
+
+
+# -- relay -----------------------------------------------------------------------------------
+
+
+def test_event_splitter_handles_split_and_crlf_frames() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b'data: {"choices": [{"delta": {"content": "he') == []
+    events = splitter.feed(b'llo"}}]}\n\ndata: [DONE]\r\n\r\n: comment')
+    assert len(events) == 2 and splitter.pending == b": comment"
+    assert inspect(events[0]).has_output and inspect(events[1]).done
+    role = inspect(b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n')
+    assert not role.has_output  # a role chunk is not an answer yet
+    usage = inspect(b'data: {"choices": [], "usage": {"prompt_tokens": 3}}\n\n')
+    assert usage.usage_only and usage.usage == {"prompt_tokens": 3}
+    assert inspect(b'data: {"error": {"message": "x"}}\n\n').error == {"message": "x"}
+
+
+def test_rewrite_renames_the_model_and_drops_the_usage_chunk_only_when_asked() -> None:
+    event = b'data: {"model": "up", "choices": [{"text": "a"}]}\n\n'
+    renamed = Rewrite("public", "up", drop_usage_chunk=True).apply(event, inspect(event))
+    assert renamed == b'data: {"model":"public","choices":[{"text":"a"}]}\n\n'
+    same = Rewrite("up", "up", drop_usage_chunk=False)
+    assert same.apply(event, inspect(event)) is event  # passed through as received
+    usage = b'data: {"choices": [], "usage": {}}\n\n'
+    assert Rewrite("up", "up", drop_usage_chunk=True).apply(usage, inspect(usage)) is None
+
+
+# -- affinity and strategies -------------------------------------------------------------------
+
+
+def test_prefix_digests_chain_like_store_keys() -> None:
+    a = prefix_digests("m", "x" * 40 + "tail-one", 16)
+    b = prefix_digests("m", "x" * 40 + "tail-two!", 16)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert prefix_digests("other", "x" * 40, 16)[0] != a[0]  # rooted at the model
+    assert prefix_digests("m", "short", 16) == ()
+
+
+def test_prefix_index_prefers_the_deepest_confirmed_match() -> None:
+    index = PrefixIndex(capacity=100)
+    prompt = prefix_digests("m", "y" * 64, 16)
+    index.remember(prompt[:2], "a", cached_tokens=0)
+    index.remember(prompt, "b", cached_tokens=10)
+    affinity = index.affinity(prompt)
+    assert affinity["b"] == 1.0 and "a" not in affinity  # b served the whole prefix later
+    index.remember(prompt[:1], "a", cached_tokens=0)
+    assert index.affinity(prompt)["a"] == pytest.approx(0.5 * 1 / 4)
+    small = PrefixIndex(capacity=2)
+    small.remember(prompt, "a", cached_tokens=1)
+    assert len(small) == 2
+
+
+def _backends(**extra: dict[str, Any]) -> Backends:
+    names = ("a", "b", "c")
+    return Backends.from_config(
+        config(**{n: {"url": f"http://{n}", **extra.get(n, {})} for n in names}), clock=Clock()
+    )
+
+
+def _request(digests: tuple[bytes, ...] = ()) -> RouteRequest:
+    return RouteRequest(model="m", digests=digests, prompt_tokens=1000, max_tokens=100)
+
+
+def test_every_strategy_is_registered_by_name() -> None:
+    assert set(STRATEGIES) == {"kv_affinity", "least_load", "health", "cost", "energy", "balanced"}
+
+
+def test_router_skips_open_circuits_and_puts_degraded_backends_last() -> None:
+    backends = _backends()
+    router = Router(RoutingState(PrefixIndex(100)))
+    chain = list(backends.values())
+    backends["a"].health.degraded_reason = "drift"
+    for _ in range(3):
+        backends["b"].health.breaker.record_failure()
+    plan = router.plan(chain, _request(), "balanced")
+    assert [b.name for b in plan] == ["c", "a"]
+
+
+def test_least_load_cost_energy_and_balanced_orderings() -> None:
+    backends = _backends(
+        a={"price": {"input": 3.0, "output": 3.0}, "power_watts": 700},
+        b={"price": {"input": 1.0, "cached": 0.1, "output": 2.0}, "power_watts": 300},
+        c={"price": {"input": 0.5, "output": 10.0}},
+    )
+    state = RoutingState(PrefixIndex(100))
+    router = Router(state)
+    chain = list(backends.values())
+    backends["a"].begin(10)
+    assert [b.name for b in router.plan(chain, _request(), "least_load")] == ["b", "c", "a"]
+    assert [b.name for b in router.plan(chain, _request(), "cost")] == ["b", "c", "a"]
+
+    for name, seconds in (("a", 0.1), ("b", 1.0)):  # a: 700 W x 0.1 ms/token is cheaper
+        router.observe(backends[name], _request(), prompt_tokens=900, cached_tokens=0,
+                       completion_tokens=100, busy_s=seconds)  # fmt: skip
+    assert [b.name for b in router.plan(chain, _request(), "energy")] == ["a", "b", "c"]
+
+    digests = prefix_digests("m", "z" * 128, 32)
+    router.observe(backends["c"], _request(digests), prompt_tokens=32, cached_tokens=32,
+                   completion_tokens=1, busy_s=0.1)  # fmt: skip
+    assert router.plan(chain, _request(digests), "kv_affinity")[0].name == "c"
+    assert router.plan(chain, _request(digests), "balanced")[0].name == "c"
+    for _ in range(3):  # three requests in flight on c outweigh its warm prefix
+        backends["c"].begin(0)
+    assert router.plan(chain, _request(digests), "balanced")[0].name == "b"
