@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve serve-shared test lint typecheck redis-server postgres-server bench bench-store bench-ttft bench-remote \
+.PHONY: serve serve-shared test lint typecheck redis-server postgres-server vllm bench bench-store bench-ttft bench-remote \
 	bench-simulate clean install-serve install-dev
 
 $(VENV)/.created:
@@ -33,6 +33,10 @@ $(VENV)/.dev: $(VENV)/.serve pyproject.toml
 # Debian's redis-server for the shared-tier tests and demo (apt-get; skipped when on PATH).
 redis-server:
 	bash scripts/redis.sh install
+
+# vLLM's CPU build (or vllm on CUDA) in its own .venv-vllm, for `kvfactory serve --engine vllm`.
+vllm:
+	bash scripts/vllm.sh install
 
 # Debian's PostgreSQL for the session tests (apt-get; skipped when initdb/pg_ctl exist).
 postgres-server:

@@ -17,7 +17,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -198,6 +199,10 @@ def serve(
         typer.Option("--exact/--fast", help="Chunk-aligned prefill (bit-exact reuse) or fastest."),
     ] = None,
     sessions_db: SessionsDbOpt = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="hf (embedded transformers) or vllm (a vllm serve subprocess)."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -216,6 +221,7 @@ def serve(
             "sessions_url": sessions_db,
             "reuse": reuse,
             "exact_prefill": exact,
+            "engine": engine,
             "log_level": log_level,
         },
         config_file=config,
@@ -223,11 +229,61 @@ def serve(
     run_server(settings)
 
 
+@dataclass(frozen=True)
+class EngineKind:
+    """How ``serve`` builds one kind of engine.
+
+    ``opens_store``: the engine uses a store opened in this process. vLLM's process opens
+    the store itself (the disk tier is one process per directory), so the gateway must not.
+    """
+
+    build: Callable[..., Any]
+    opens_store: bool
+    describe: Callable[[Settings], str]
+
+
+def _build_hf(settings: Settings, model_dir: Path, **parts: Any) -> Any:
+    from kvfactory.engines.hf import HFEngine
+
+    return HFEngine(model_dir, settings=settings, **parts)
+
+
+def _build_vllm(settings: Settings, model_dir: Path, *, metrics: Any, **_: Any) -> Any:
+    from kvfactory.engines.vllm_kv.http_engine import VLLMEngine
+
+    # httpx logs every upstream call at INFO: one line per request to vLLM is noise here
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
+    return VLLMEngine.from_settings(settings, model_dir, metrics=metrics)
+
+
+ENGINES: dict[str, EngineKind] = {
+    "hf": EngineKind(
+        _build_hf,
+        opens_store=True,
+        describe=lambda s: f"hf, {'exact chunk-aligned' if s.exact_prefill else 'fast'} prefill",
+    ),
+    "vllm": EngineKind(
+        _build_vllm,
+        opens_store=False,
+        describe=lambda s: (
+            "vllm, " + ("kvfactory connector" if s.reuse and s.vllm_connector else "no connector")
+        ),
+    ),
+}
+
+
+def _engine_kind(settings: Settings) -> EngineKind:
+    kind = ENGINES.get(settings.engine)
+    if kind is None:
+        raise ConfigError(f"unknown engine {settings.engine!r}: use one of {', '.join(ENGINES)}")
+    return kind
+
+
 def run_server(settings: Settings) -> None:
     """Wire store, engine and gateway for ``settings`` and serve until interrupted."""
     import uvicorn
 
-    from kvfactory.engines.hf import HFEngine, resolve_model_dir
+    from kvfactory.engines.hf import resolve_model_dir
     from kvfactory.gateway import TenantResolver, create_app
     from kvfactory.sessions.commands import open_session_database, redacted_url
     from kvfactory.store.factory import open_store
@@ -239,7 +295,9 @@ def run_server(settings: Settings) -> None:
     metrics = Metrics()
     incidents = IncidentLog(settings.home / "incidents.jsonl")
     tenants = TenantResolver.from_env(settings.home)
-    remote = _remote_tiers(settings, incidents)  # a bad URL fails before anything loads
+    kind = _engine_kind(settings)
+    # a bad URL fails before anything loads; vLLM's connector opens its own remote tier
+    remote = _remote_tiers(settings, incidents) if kind.opens_store else []
     # Resolve (and on first use convert) the model before touching the store, so a bad
     # --model fails fast and leaves no store folder behind.
     model_dir = resolve_model_dir(settings, console=console)
@@ -249,7 +307,7 @@ def run_server(settings: Settings) -> None:
     log.info("sessions database at %s", redacted_url(settings.resolved_sessions_url))
     store = None
     try:
-        if settings.reuse:
+        if settings.reuse and kind.opens_store:
             store = open_store(
                 settings,
                 metrics=metrics.store,
@@ -257,13 +315,15 @@ def run_server(settings: Settings) -> None:
                 extra_tiers=remote,
             )
             _log_store(log, settings, store.stats().tiers)
+        elif settings.reuse:
+            log.info("context store at %s, opened by vLLM", settings.resolved_store_dir)
         else:
             log.info("context store off (--no-reuse): every prompt is prefilled from scratch")
         # Deleting a session releases the KV blocks the engine pinned for it in this store.
         sessions.pins = store
-        engine = HFEngine(
+        engine = kind.build(
+            settings,
             model_dir,
-            settings=settings,
             store=store,
             metrics=metrics,
             incidents=incidents,
@@ -273,9 +333,9 @@ def run_server(settings: Settings) -> None:
             [engine], metrics=metrics, incidents=incidents, tenants=tenants, sessions=sessions
         )
         log.info(
-            "serving model '%s' (%s prefill) at http://%s:%d/v1  (metrics: /metrics)",
+            "serving model '%s' (%s) at http://%s:%d/v1  (metrics: /metrics)",
             engine.model_name,
-            "exact chunk-aligned" if settings.exact_prefill else "fast",
+            kind.describe(settings),
             settings.host,
             settings.port,
         )

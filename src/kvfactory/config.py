@@ -64,6 +64,18 @@ class Settings(BaseModel):
         "default: HOME/sessions.db",
     )
     log_level: str = "info"
+    engine: str = Field(default="hf", description="what serves the model: hf | vllm")
+    vllm_python: Path | None = Field(
+        default=None, description="interpreter with vLLM; default: .venv-vllm/bin/python"
+    )
+    vllm_kvcache_gib: int = Field(default=4, ge=1, description="vLLM CPU KV cache (GiB)")
+    vllm_max_model_len: int | None = Field(
+        default=None, ge=1, description="vLLM --max-model-len; default: the model's"
+    )
+    vllm_connector: bool = Field(
+        default=True, description="load kvfactory's KV connector into vLLM"
+    )
+    vllm_startup_timeout_s: float = Field(default=600.0, gt=0)
 
     @field_validator("store_dir", mode="after")
     @classmethod
