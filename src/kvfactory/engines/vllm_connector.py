@@ -1,0 +1,325 @@
+"""``KVFactoryConnector``: stock vLLM (v1) reads and writes KV through the context store.
+
+Load it with::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVFactoryConnector",
+      "kv_connector_module_path": "kvfactory.engines.vllm_connector",
+      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+      "kv_connector_extra_config": {"store_dir": "...", "chunk_tokens": 256}}'
+
+``kv_connector_extra_config`` takes ``kvfactory.config.Settings`` fields (``home``,
+``store_dir``, ``memory_bytes``, ``disk_bytes``, ``chunk_tokens``, ``eviction``,
+``admission``, ``remote_url``; ``KVFACTORY_*`` variables apply too) plus
+``save_generated`` (default true: generated tokens' chunks are stored as well, as vLLM's
+own prefix cache does).
+
+Scheduler side (``plan.TransferPlanner``): ``get_num_new_matched_tokens`` is a
+``ContextStore.lookup`` of the prompt under the request's namespace (model fingerprint +
+``cache_salt``), in whole store chunks beyond vLLM's local prefix-cache hit;
+``update_state_after_alloc`` turns a granted hit into a load of the allocated blocks;
+``build_connector_meta`` sends the loads and the chunks that become fully computed this
+step. Worker side: ``start_load_kv`` reads and verifies every block of the step's loads
+and copies them into the paged tensors before the forward starts — on the CPU the copy
+shares the cores the forward would use, so there is nothing to overlap layer by layer;
+a block that fails its checksum or is gone is reported by
+``get_block_ids_with_load_errors`` and vLLM recomputes it (``kv_load_failure_policy:
+recompute``; with vLLM's default ``fail`` the request fails instead — never wrong
+output). ``wait_for_save`` copies the step's newly complete chunks out of the paged
+tensors into the store right after the forward; the store writes them through to disk and
+remote tiers on its own bounded background queue, so no vLLM block is held after the step
+and ``get_finished`` never has requests to report.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvfactory._types import BlockKey, NamespaceId
+from kvfactory.config import Settings, load_settings
+from kvfactory.engines.vllm_kv import shared_store
+from kvfactory.engines.vllm_kv.identity import (
+    NamespaceBook,
+    VLLMModelIdentity,
+    model_fingerprint,
+)
+from kvfactory.engines.vllm_kv.paged import PagedKV, dtype_name
+from kvfactory.engines.vllm_kv.plan import LoadSpec, SaveSpec, TransferPlanner
+from kvfactory.errors import ConfigError
+from kvfactory.store.codec import BlockHeader, KVBlock
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvfactory.vllm")
+
+CONNECTOR_OPTIONS = frozenset({"save_generated"})
+
+
+class KVFactoryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    """What the scheduler tells the workers for one step."""
+
+    def __init__(self, loads: list[LoadSpec], saves: list[SaveSpec]) -> None:
+        self.loads = loads
+        self.saves = saves
+
+
+def connector_settings(extra: dict[str, Any]) -> Settings:
+    fields = {k: v for k, v in extra.items() if k in Settings.model_fields}
+    unknown = set(extra) - set(fields) - CONNECTOR_OPTIONS
+    if unknown:
+        raise ConfigError(f"unknown kv_connector_extra_config keys: {', '.join(sorted(unknown))}")
+    return load_settings(fields)
+
+
+def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> VLLMModelIdentity:
+    import vllm
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(
+            f"KVFactoryConnector supports one KV cache group, this model has {len(groups)}"
+        )
+    spec: Any = groups[0].kv_cache_spec
+    model_config = vllm_config.model_config
+    return VLLMModelIdentity(
+        model=str(model_config.model),
+        revision=model_config.revision,
+        tokenizer=str(model_config.tokenizer) if model_config.tokenizer else None,
+        device_type=str(vllm_config.device_config.device_type),
+        vllm_version=str(vllm.__version__),
+        block_size=int(spec.block_size),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_size=int(spec.head_size),
+        num_layers=len(groups[0].layer_names),
+        kv_dtype=dtype_name(spec.dtype),
+    )
+
+
+class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    """vLLM v1 KV connector backed by kvfactory's ``ContextStore``."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if parallel.world_size > 1:
+            raise ConfigError(
+                "KVFactoryConnector runs with one worker per engine (tensor/pipeline "
+                f"parallel size 1); this engine has world_size={parallel.world_size}"
+            )
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._settings = connector_settings(extra)
+        if getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") != "recompute":
+            log.warning(
+                "kv_load_failure_policy is not 'recompute': a corrupt stored block will "
+                "fail its request instead of being recomputed"
+            )
+        self._identity = model_identity(vllm_config, kv_cache_config)
+        self._block_size = self._identity.block_size
+        self._store, self._incidents = shared_store.acquire(self._settings)
+        self._released = False
+        fingerprint = model_fingerprint(
+            self._identity, chunk_tokens=self._store.chunk_tokens, home=self._settings.home
+        )
+        self._namespaces = NamespaceBook(fingerprint)
+        self._blocks_per_chunk = self._store.chunk_tokens // self._block_size
+        # scheduler side
+        self._planner = TransferPlanner(
+            self._store,
+            block_size=self._block_size,
+            save_generated=bool(extra.get("save_generated", True)),
+        )
+        self._requests: dict[str, Request] = {}
+        self._pending_loads: list[LoadSpec] = []
+        # worker side
+        self._paged: PagedKV | None = None
+        self._load_errors: set[int] = set()
+        self.counters = {"hit_tokens": 0, "loaded_chunks": 0, "saved_chunks": 0, "load_errors": 0}
+        log.info(
+            "kvfactory connector (%s) on store %s, chunk %d tokens, layout %s",
+            role.name.lower(),
+            self._settings.resolved_store_dir,
+            self._store.chunk_tokens,
+            fingerprint.kv_layout,
+        )
+
+    # -- scheduler side -------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        prompt = list(request.prompt_token_ids or [])
+        namespace = self._namespaces.for_salt(request.cache_salt)
+        self._requests[request.request_id] = request
+        matched = self._planner.matched_tokens(
+            request.request_id, prompt, namespace, num_computed_tokens
+        )
+        if matched:
+            log.debug("request %s: %d tokens from the store", request.request_id, matched)
+        return matched, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens <= 0:
+            return
+        self._planner.allocated(request.request_id, num_external_tokens)
+        spec = self._planner.take_load(request.request_id, blocks.get_block_ids()[0])
+        if spec is not None:
+            self.counters["hit_tokens"] += num_external_tokens
+            self._pending_loads.append(spec)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        saves: list[SaveSpec] = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        progress = [
+            (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        progress += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        for req_id, computed in progress:
+            request = self._requests.get(req_id)
+            if request is None or self._kv_cache_manager is None:
+                continue
+            block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+            spec = self._planner.take_save(
+                req_id,
+                request.all_token_ids,
+                computed + scheduled.get(req_id, 0),
+                request.num_prompt_tokens,
+                block_ids,
+            )
+            if spec is not None:
+                saves.append(spec)
+        loads, self._pending_loads = self._pending_loads, []
+        return KVFactoryConnectorMetadata(loads, saves)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._planner.finished(request.request_id)
+        self._requests.pop(request.request_id, None)
+        return False, None
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._paged = PagedKV.from_vllm(kv_caches, self._kv_cache_config.num_blocks)
+        log.info(
+            "kvfactory connector: %d KV layers, %s, %s",
+            len(self._paged.tensors),
+            self._paged.describe(),
+            self._paged.dtype,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, KVFactoryConnectorMetadata)
+        for spec in metadata.loads:
+            self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        paged = self._require_paged()
+        keys: list[BlockKey] = [chunk.key for chunk in spec.chunks]
+        blocks = self._store.load(keys)
+        expected = paged.chunk_shape(self._blocks_per_chunk)
+        kind = dtype_name(paged.dtype)
+        good: list[torch.Tensor] = []
+        for block in blocks:
+            if block.header.shape != expected or block.header.dtype != kind:
+                log.warning("stored block %s has another layout; recomputing", block.key.hex())
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer, only read
+                raw = torch.frombuffer(block.payload, dtype=torch.uint8)
+            good.append(raw.view(paged.dtype).view(expected))
+        loaded = len(good)
+        targets = spec.target_block_ids
+        split = loaded * self._blocks_per_chunk - spec.skip_blocks
+        if good:
+            data = torch.cat(good, dim=1)[:, spec.skip_blocks :]
+            paged.scatter(targets[: max(split, 0)], data)
+        if loaded < len(spec.chunks):
+            failed = targets[max(split, 0) :]
+            self._load_errors.update(failed)
+            self.counters["load_errors"] += len(spec.chunks) - loaded
+        self.counters["loaded_chunks"] += loaded
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv has already written every layer
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # wait_for_save copies whole chunks once all layers are written
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, KVFactoryConnectorMetadata)
+        for spec in metadata.saves:
+            self._save(spec)
+
+    def _save(self, spec: SaveSpec) -> None:
+        paged = self._require_paged()
+        block_ids = [b for chunk in spec.chunks for b in chunk.block_ids]
+        data = paged.gather(block_ids)
+        per = self._blocks_per_chunk
+        shape = paged.chunk_shape(per)
+        kind = dtype_name(paged.dtype)
+        for position, chunk in enumerate(spec.chunks):
+            piece = data[:, position * per : (position + 1) * per].contiguous()
+            header = BlockHeader(
+                dtype=kind,
+                shape=shape,
+                namespace=NamespaceId(spec.namespace),
+                key=chunk.key,
+                parent=chunk.parent,
+                chunk_index=chunk.chunk_index,
+                num_tokens=self._store.chunk_tokens,
+            )
+            payload = piece.view(torch.uint8).numpy().tobytes()
+            self._store.put(KVBlock(header, payload))
+        self.counters["saved_chunks"] += len(spec.chunks)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None  # saves copy out within the step; see the module docstring
+
+    def shutdown(self) -> None:
+        log.info("kvfactory connector (%s) stats: %s", self.role.name.lower(), self.counters)
+        if not self._released:
+            self._released = True
+            shared_store.release(self._store)
+
+    def _require_paged(self) -> PagedKV:
+        if self._paged is None:
+            raise RuntimeError("register_kv_caches was not called before a transfer")
+        return self._paged
+
+
+__all__ = ["KVFactoryConnector", "KVFactoryConnectorMetadata", "connector_settings"]

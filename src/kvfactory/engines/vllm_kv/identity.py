@@ -1,0 +1,101 @@
+"""Who the KV belongs to inside vLLM: model fingerprint and per-request namespace.
+
+The fingerprint must be computable on vLLM's scheduler side, which never sees the KV
+tensors, and equal on the worker side: it is built from the model's files (weights and
+tokenizer digests, shared with the embedded engine's ``file_digests``; a model named by
+hub id is identified by its name and revision), the KV cache spec vLLM chose (block size,
+KV heads, head size, dtype, layer count), the platform (CPU and CUDA lay blocks out
+differently) and vLLM's version. A request's ``cache_salt`` — set by the kvfactory
+gateway per tenant, never by a client — is the tenant salt of its namespace, so
+different salts never share a block. This module knows vLLM's config only as plain
+values passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from kvfactory._types import ModelFingerprint
+from kvfactory.engines.hf.fingerprint import file_digests, fingerprint_cache_file
+from kvfactory.store.keys import Namespace
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMModelIdentity:
+    """Plain values read from vLLM's config by the connector."""
+
+    model: str
+    revision: str | None
+    tokenizer: str | None
+    device_type: str
+    vllm_version: str
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    num_layers: int
+    kv_dtype: str
+
+    def layout(self) -> str:
+        return (
+            f"vllm-{self.vllm_version}/{self.device_type}/paged-block{self.block_size}"
+            f"/layers{self.num_layers}/kvheads{self.num_kv_heads}/head{self.head_size}"
+        )
+
+
+def _digests(
+    model: str, revision: str | None, tokenizer: str | None, home: Path
+) -> tuple[str, str]:
+    model_dir = Path(model).expanduser()
+    if model_dir.is_dir():
+        weights, tokens = file_digests(
+            model_dir, fingerprint_cache_file(home / "models", model_dir)
+        )
+    else:
+        # A hub id: vLLM resolves it itself; name and revision are all we can trust here.
+        weights = blake3.blake3(f"hub:{model}@{revision or 'main'}".encode()).hexdigest()
+        tokens = weights
+    if tokenizer and tokenizer != model:
+        tokenizer_dir = Path(tokenizer).expanduser()
+        if tokenizer_dir.is_dir():
+            _, tokens = file_digests(tokenizer_dir)
+        else:
+            tokens = blake3.blake3(f"hub-tokenizer:{tokenizer}".encode()).hexdigest()
+    return weights, tokens
+
+
+def model_fingerprint(
+    identity: VLLMModelIdentity, *, chunk_tokens: int, home: Path
+) -> ModelFingerprint:
+    weights, tokens = _digests(identity.model, identity.revision, identity.tokenizer, home)
+    return ModelFingerprint(
+        weights_digest=weights,
+        tokenizer_digest=tokens,
+        kv_layout=identity.layout(),
+        dtype=identity.kv_dtype,
+        chunk_tokens=chunk_tokens,
+    )
+
+
+class NamespaceBook:
+    """Namespaces by ``cache_salt``, derived once each."""
+
+    def __init__(self, fingerprint: ModelFingerprint) -> None:
+        self.fingerprint = fingerprint
+        self._by_salt: dict[str | None, Namespace] = {}
+
+    def for_salt(self, cache_salt: str | None) -> Namespace:
+        found = self._by_salt.get(cache_salt)
+        if found is None:
+            salt = cache_salt.encode("utf-8") if cache_salt else b""
+            tenant = "salted" if cache_salt else DEFAULT_TENANT
+            found = Namespace.create(self.fingerprint, tenant_salt=salt, tenant=tenant)
+            self._by_salt[cache_salt] = found
+        return found
+
+
+__all__ = ["NamespaceBook", "VLLMModelIdentity", "model_fingerprint"]

@@ -1,0 +1,89 @@
+"""One ``ContextStore`` per process for both halves of the vLLM connector.
+
+vLLM builds the connector twice — once with the scheduler role, once per worker — and in
+the usual single-GPU/CPU deployment both live in the engine-core process. They must use
+the same store: the disk tier is one process per directory, and the scheduler's lookups
+must see the blocks the worker saved a step ago. vLLM offers no way to hand an object from
+one to the other, so this module keeps a small reference-counted table keyed by the store
+directory; that table is the only process-wide state in kvfactory, and closing the last
+handle closes the store. Workers in other processes (tensor or pipeline parallel) would
+need their own stores and a shared index; the connector refuses them at start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from kvfactory.config import Settings
+from kvfactory.store.context_store import ContextStore
+from kvfactory.store.factory import open_store
+from kvfactory.telemetry.incidents import IncidentLog
+from kvfactory.telemetry.metrics import StoreMetrics
+
+
+@dataclass(slots=True)
+class _Entry:
+    store: ContextStore
+    incidents: IncidentLog
+    users: int
+
+
+_lock = threading.Lock()
+_open: dict[Path, _Entry] = {}
+
+
+def _remote_tiers(settings: Settings, incidents: IncidentLog) -> list[object]:
+    if settings.remote_url is None:
+        return []
+    from kvfactory.store.tiers.redis import RedisTier
+
+    return [RedisTier(settings.remote_url, incidents=incidents)]
+
+
+def acquire(settings: Settings) -> tuple[ContextStore, IncidentLog]:
+    """The process's store for ``settings.resolved_store_dir`` (opened on first use)."""
+    where = settings.resolved_store_dir.resolve()
+    with _lock:
+        entry = _open.get(where)
+        if entry is None:
+            incidents = IncidentLog(settings.home / "incidents.jsonl")
+            store = open_store(
+                settings,
+                metrics=StoreMetrics(CollectorRegistry()),
+                incidents=incidents,
+                extra_tiers=_remote_tiers(settings, incidents),  # type: ignore[arg-type]
+            )
+            entry = _open[where] = _Entry(store, incidents, 0)
+        entry.users += 1
+        return entry.store, entry.incidents
+
+
+def release(store: ContextStore) -> None:
+    """Give back a handle from ``acquire``; the last one flushes and closes the store."""
+    with _lock:
+        for where, entry in list(_open.items()):
+            if entry.store is store:
+                entry.users -= 1
+                if entry.users <= 0:
+                    del _open[where]
+                    entry.store.close()
+                return
+
+
+@atexit.register
+def _close_all() -> None:
+    # vLLM does not always call the connector's shutdown when its process exits; the
+    # store must still flush what it acknowledged to its write-behind queue.
+    with _lock:
+        entries = list(_open.values())
+        _open.clear()
+    for entry in entries:
+        entry.store.close()
+
+
+__all__ = ["acquire", "release"]
