@@ -9,18 +9,25 @@ the same tests with the connector left out of vLLM's launch (vLLM's prefix cache
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import openai
 import pytest
 
 from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_healthy
+from kvfactory.config import Settings
+from kvfactory.engines.base import FinishEvent, TokenEvent, Usage
+from kvfactory.engines.vllm_kv.http_engine import CompletionStream, cache_salt
+from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, cpu_list, find_vllm_python
+from kvfactory.errors import ConfigError, EngineError, InvalidRequestError
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -29,27 +36,72 @@ VLLM_BLOCK = 128
 KEYS = {"a": "k1", "b": "k2"}
 WITH_CONNECTOR = os.environ.get("KVFACTORY_TEST_VLLM_CONNECTOR", "1") != "0"
 
-pytestmark = [
+NEEDS_VLLM = (
     pytest.mark.vllm,
     pytest.mark.slow,
     pytest.mark.skipif(
         not VLLM_PYTHON.is_file(), reason=f"{VLLM_PYTHON} is absent: run `make vllm`"
     ),
-]
+)
+Test = TypeVar("Test", bound=Callable[..., None])
 
 
-@dataclass(frozen=True)
+def needs_vllm(test: Test) -> Test:
+    """Marker ``vllm`` (and ``slow``), skipped with a reason when ``.venv-vllm`` is absent."""
+    for mark in NEEDS_VLLM:
+        test = mark(test)
+    return test
+
+
 class Gateway:
-    base_url: str
-    model: str
-    home: Path
-    log: Path
-    vllm_pid: int
+    """One ``kvfactory serve --engine vllm`` on ``home``; ``restart`` keeps home and store."""
+
+    def __init__(self, home: Path, model_dir: Path):
+        self.home = home
+        self.model_dir = model_dir
+        self.model = model_dir.name
+        self.log = home / "serve.log"
+        self.base_url = ""
+        self.vllm_pid = 0
+        self._process: subprocess.Popen[bytes] | None = None
 
     def client(self, tenant: str = "a") -> openai.OpenAI:
         return openai.OpenAI(
             base_url=self.base_url + "/v1", api_key=KEYS[tenant], max_retries=0, timeout=300
         )
+
+    def start(self) -> None:
+        port = free_port()
+        command = [
+            sys.executable, "-m", "kvfactory", "serve", "--engine", "vllm", "--port", str(port),
+            "--model", str(self.model_dir), "--store-dir", str(self.home / "store"),
+            "--memory-bytes", "256MiB", "--disk-bytes", "1GiB", "--log-level", "info",
+        ]  # fmt: skip
+        with open(self.log, "ab") as sink:
+            self._process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env=_env(self.home)
+            )
+        self.base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(self._process, self.base_url, self.log, STARTUP_TIMEOUT_S)
+        except ServerStartError as exc:
+            self.stop()
+            pytest.fail(str(exc))
+        report = httpx.get(self.base_url + "/healthz", timeout=10).json()
+        self.vllm_pid = int(report["models"][self.model]["pid"])
+
+    def stop(self) -> None:
+        """Stop the gateway; a clean shutdown stops its vLLM process too."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        stop(process, 90)
+        assert process.returncode == 0, self.log.read_text(errors="replace")[-3000:]
+        assert not _alive(self.vllm_pid), f"vLLM (pid {self.vllm_pid}) outlived the gateway"
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 def _default_model_dir() -> Path:
@@ -85,30 +137,12 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Gateway]:
-    home = tmp_path_factory.mktemp("vllm-home")
-    port = free_port()
-    log = home / "serve.log"
-    command = [
-        sys.executable, "-m", "kvfactory", "serve", "--engine", "vllm", "--port", str(port),
-        "--model", str(model_dir), "--store-dir", str(home / "store"),
-        "--memory-bytes", "256MiB", "--disk-bytes", "1GiB", "--log-level", "info",
-    ]  # fmt: skip
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=_env(home))
-    base_url = f"http://127.0.0.1:{port}"
+    server = Gateway(tmp_path_factory.mktemp("vllm-home"), model_dir)
+    server.start()
     try:
-        try:
-            wait_healthy(process, base_url, log, STARTUP_TIMEOUT_S)
-        except ServerStartError as exc:
-            pytest.fail(str(exc))
-        report = httpx.get(base_url + "/healthz", timeout=10).json()
-        vllm_pid = int(report["models"][model_dir.name]["pid"])
-        yield Gateway(base_url, model_dir.name, home, log, vllm_pid)
+        yield server
     finally:
-        stop(process, 90)
-    # a clean gateway shutdown stops its vLLM process too
-    assert process.returncode == 0, log.read_text(errors="replace")[-3000:]
-    assert not _alive(vllm_pid), f"vLLM (pid {vllm_pid}) outlived the gateway"
+        server.stop()
 
 
 def _alive(pid: int) -> bool:
@@ -148,6 +182,7 @@ def _ask(
     return reply.choices[0].message.content or "", reply.usage.prompt_tokens, cached
 
 
+@needs_vllm
 def test_health_names_vllm_and_the_connector(gateway: Gateway) -> None:
     report = httpx.get(gateway.base_url + "/healthz", timeout=10).json()
     engine = report["models"][gateway.model]
@@ -161,6 +196,7 @@ def test_health_names_vllm_and_the_connector(gateway: Gateway) -> None:
     assert loaded is WITH_CONNECTOR
 
 
+@needs_vllm
 def test_chat_non_streaming(gateway: Gateway) -> None:
     reply = gateway.client().chat.completions.create(
         model=gateway.model,
@@ -178,6 +214,7 @@ def test_chat_non_streaming(gateway: Gateway) -> None:
     assert reply.model == gateway.model
 
 
+@needs_vllm
 def test_chat_streaming_matches_non_streaming(gateway: Gateway) -> None:
     messages = [{"role": "user", "content": "Count from one to five in words."}]
     whole = gateway.client().chat.completions.create(
@@ -211,6 +248,7 @@ def test_chat_streaming_matches_non_streaming(gateway: Gateway) -> None:
     assert usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+@needs_vllm
 def test_repeated_long_prompt_reports_cached_tokens(gateway: Gateway) -> None:
     messages = _long_messages("pebble")
     first, prompt_tokens, cold = _ask(gateway, messages)
@@ -230,6 +268,7 @@ def test_repeated_long_prompt_reports_cached_tokens(gateway: Gateway) -> None:
     assert float(line.rsplit(" ", 1)[1]) >= warm
 
 
+@needs_vllm
 def test_tenants_do_not_share_cached_tokens(gateway: Gateway) -> None:
     messages = _long_messages("acorn")
     answer_a, prompt_tokens, _ = _ask(gateway, messages, tenant="a")
@@ -244,6 +283,7 @@ def test_tenants_do_not_share_cached_tokens(gateway: Gateway) -> None:
     assert warm_b > 0
 
 
+@needs_vllm
 def test_session_turns_continue_from_cached_context(gateway: Gateway) -> None:
     headers = {"Authorization": f"Bearer {KEYS['a']}"}
     with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=300) as http:
@@ -272,6 +312,47 @@ def test_session_turns_continue_from_cached_context(gateway: Gateway) -> None:
     assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= VLLM_BLOCK
 
 
+def _vllm_metric(gateway: Gateway, name: str) -> float:
+    """A metric read from vLLM's own ``/metrics`` (its URL comes from the gateway's health)."""
+    report = httpx.get(gateway.base_url + "/healthz", timeout=10).json()
+    url = str(report["models"][gateway.model]["url"])
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+@needs_vllm
+def test_closing_a_stream_aborts_the_vllm_request(gateway: Gateway) -> None:
+    body = {
+        "model": gateway.model,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        "max_tokens": 300,
+        "temperature": 0,
+    }
+    headers = {"Authorization": f"Bearer {KEYS['a']}"}
+    with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=300) as http:
+        full = http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"]
+        assert full >= 60, "the reference answer must be long enough to cut short"
+        before = _vllm_metric(gateway, "vllm:generation_tokens_total")
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
+            chunks = 0
+            for line in reply.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks >= 3:
+                    break  # the client goes away after the first tokens
+    # vLLM stops the request: nothing runs, and far fewer tokens were generated than the
+    # same greedy request produces when read to the end
+    for _ in range(600):
+        health = httpx.get(gateway.base_url + "/healthz", timeout=10).json()
+        in_gateway = health["models"][gateway.model]["running"]
+        if in_gateway == 0 and _vllm_metric(gateway, "vllm:num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    generated = _vllm_metric(gateway, "vllm:generation_tokens_total") - before
+    assert in_gateway == 0
+    assert generated < full / 2
+
+
+@needs_vllm
 def test_unknown_api_key_is_rejected(gateway: Gateway) -> None:
     client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -300,12 +381,165 @@ def test_bad_engine_name_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == ["error: unknown engine 'tgi': use one of hf, vllm"]
 
 
+@pytest.mark.slow  # the real model folder (converted once), no vLLM needed
 def test_chunk_size_must_be_whole_vllm_blocks(tmp_path: Path, model_dir: Path) -> None:
     line = _serve_fails(tmp_path, "--model", str(model_dir), "--chunk-tokens", "200")
     assert "multiple of vLLM's block size 128" in line
 
 
+@pytest.mark.slow
 def test_missing_vllm_is_one_line(tmp_path: Path, model_dir: Path) -> None:
     missing = tmp_path / "no-venv" / "python"
     line = _serve_fails(tmp_path, "--model", str(model_dir), KVFACTORY_VLLM_PYTHON=str(missing))
     assert "vLLM is not installed: run `make vllm`" in line
+
+
+# -- the launch command and the stream format, without starting vLLM -------------------
+
+
+def _settings(tmp_path: Path, **fields: Any) -> Settings:
+    return Settings(home=tmp_path, vllm_python=Path(sys.executable), **fields)
+
+
+def _transfer_config(argv: list[str]) -> dict[str, object] | None:
+    if "--kv-transfer-config" not in argv:
+        return None
+    config: dict[str, object] = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    return config
+
+
+def test_launch_names_the_connector_and_the_store(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, chunk_tokens=256, memory_bytes=1 << 20)
+    launch = VLLMLaunch.from_settings(settings, tmp_path / "SmolLM2")
+    argv = launch.argv(8123)
+    assert argv[argv.index("--block-size") + 1] == "128"
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--served-model-name") + 1] == "SmolLM2"
+    assert "--enable-prompt-tokens-details" in argv and "--enforce-eager" in argv
+    config = _transfer_config(argv)
+    assert config is not None
+    assert config["kv_connector"] == "KVFactoryConnector"
+    assert config["kv_connector_module_path"] == "kvfactory.engines.vllm_connector"
+    assert config["kv_load_failure_policy"] == "recompute"
+    extra = config["kv_connector_extra_config"]
+    assert isinstance(extra, dict)
+    assert extra["store_dir"] == str((tmp_path / "store").resolve())
+    assert extra["chunk_tokens"] == 256 and extra["memory_bytes"] == 1 << 20
+    assert "remote_url" not in extra
+    remote = VLLMLaunch.from_settings(
+        _settings(tmp_path, remote_url="redis://127.0.0.1:6390/0"), tmp_path / "m"
+    )
+    remote_extra = (_transfer_config(remote.argv(1)) or {})["kv_connector_extra_config"]
+    assert isinstance(remote_extra, dict)
+    assert remote_extra["remote_url"] == "redis://127.0.0.1:6390/0"
+    assert set(launch.env) >= {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
+    assert launch.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_launch_without_the_connector_or_with_misaligned_chunks(tmp_path: Path) -> None:
+    off = VLLMLaunch.from_settings(_settings(tmp_path, vllm_connector=False), tmp_path / "m")
+    assert _transfer_config(off.argv(1)) is None
+    no_reuse = VLLMLaunch.from_settings(_settings(tmp_path, reuse=False), tmp_path / "m")
+    assert _transfer_config(no_reuse.argv(1)) is None
+    with pytest.raises(ConfigError, match="multiple of vLLM's block size 128"):
+        VLLMLaunch.from_settings(_settings(tmp_path, chunk_tokens=192), tmp_path / "m")
+    with pytest.raises(ConfigError, match="vLLM is not installed: run `make vllm`"):
+        find_vllm_python(tmp_path / "nowhere" / "python")
+
+
+def test_cpu_list_compacts_ranges() -> None:
+    assert cpu_list({0, 1}) == "0-1"
+    assert cpu_list({5, 0, 1, 2, 7, 8}) == "0-2,5,7-8"
+    assert cpu_list({3}) == "3"
+
+
+def test_cache_salt_is_the_tenant_salt_within_vllms_limit() -> None:
+    assert cache_salt(b"") is None
+    assert cache_salt(bytes(range(32))) == bytes(range(32)).hex()
+    long = cache_salt(b"x" * 100)
+    assert long is not None and len(long) == 64 and long != cache_salt(b"y" * 100)
+
+
+def _sse(chunk: dict[str, object]) -> str:
+    return "data: " + json.dumps(chunk)
+
+
+def test_completion_stream_carries_token_ids_and_vllm_usage() -> None:
+    stream = CompletionStream()
+    lines = [
+        _sse({"choices": [{"text": "Hel", "token_ids": [10], "finish_reason": None}]}),
+        "",
+        # several tokens in one chunk; the text rides on the last of them
+        _sse({"choices": [{"text": "lo w", "token_ids": [11, 12], "finish_reason": None}]}),
+        _sse({"choices": [{"text": "orld", "token_ids": [13], "finish_reason": "length"}]}),
+        _sse(
+            {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 700,
+                    "completion_tokens": 4,
+                    "total_tokens": 704,
+                    "prompt_tokens_details": {"cached_tokens": 512},
+                },
+            }
+        ),
+        "data: [DONE]",
+    ]
+    events = [event for line in lines for event in stream.feed(line)]
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert [t.token_id for t in tokens] == [10, 11, 12, 13]
+    assert "".join(t.text for t in tokens) == "Hello world"
+    assert tokens[1].text == "" and tokens[2].text == "lo w"
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and stream.done
+    assert finish.finish_reason == "length"
+    assert finish.usage == Usage(prompt_tokens=700, completion_tokens=4, cached_tokens=512)
+
+
+def test_completion_stream_errors() -> None:
+    with pytest.raises(InvalidRequestError, match="too long"):
+        CompletionStream().feed(_sse({"error": {"message": "too long", "code": 400}}))
+    with pytest.raises(EngineError, match="boom"):
+        CompletionStream().feed(_sse({"error": {"message": "boom", "code": 500}}))
+    unfinished = CompletionStream()
+    unfinished.feed(_sse({"choices": [{"text": "a", "token_ids": [1], "finish_reason": None}]}))
+    with pytest.raises(EngineError, match="without a finish reason and usage"):
+        unfinished.feed("data: [DONE]")
+
+
+@needs_vllm
+def test_transfer_config_is_valid_for_the_installed_vllm(tmp_path: Path) -> None:
+    """vLLM's own ``KVTransferConfig`` accepts every key the launcher sends."""
+    launch = VLLMLaunch.from_settings(_settings(tmp_path), tmp_path / "m")
+    config = json.dumps(_transfer_config(launch.argv(1)))
+    check = (
+        "import json, sys; from vllm.config import KVTransferConfig; "
+        "c = KVTransferConfig(**json.loads(sys.argv[1])); "
+        "print(c.kv_load_failure_policy, c.kv_connector_module_path)"
+    )
+    done = subprocess.run(
+        [str(VLLM_PYTHON), "-c", check, config], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["recompute", "kvfactory.engines.vllm_connector"]
+
+
+@needs_vllm
+def test_prefix_survives_a_restart_through_the_connector(gateway: Gateway) -> None:
+    """Runs last: after a restart vLLM's own prefix cache is empty, so a hit is the store's."""
+    messages = _long_messages("marble")
+    _ask(gateway, messages)
+    # the reference: the answer computed on top of vLLM's own prefix cache
+    reference, prompt_tokens, in_process = _ask(gateway, messages)
+    gateway.restart()
+    after, again, cached = _ask(gateway, messages)
+    assert again == prompt_tokens
+    if WITH_CONNECTOR:
+        assert cached >= 2 * VLLM_BLOCK, "the connector must load the stored prefix"
+        assert cached <= in_process
+        assert after == reference
+    else:
+        assert cached == 0
+    # the other tenant still finds nothing of it
+    _, _, other = _ask(gateway, messages, tenant="b")
+    assert other == 0

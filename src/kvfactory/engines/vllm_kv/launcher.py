@@ -273,23 +273,21 @@ class VLLMServer:
         return "ready" if self.ready else "starting"
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after ``grace_s``."""
+        """SIGTERM vLLM, then SIGKILL its process group after ``grace_s``."""
         process = self.process
         self.ready = False
         if process is None:
             return
         if process.poll() is None:
-            self._signal(process.pid, signal.SIGTERM)
+            # the API server alone: it shuts its engine core down in order (saves flushed)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=grace_s)
         # children of a group leader that already exited may still be running
-        self._signal(process.pid, signal.SIGKILL)
-        process.wait()
-
-    @staticmethod
-    def _signal(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 __all__ = [
