@@ -1,0 +1,146 @@
+"""TTFT of vLLM's CPU build: cold vs its own prefix cache vs kvfactory and ExampleConnector
+after a restart, measured side by side in one run.
+
+For each context length (2k and 4k tokens by default) and each of ``--repeats`` distinct
+prompts (median reported):
+
+* **cold**: first sight of the prompt in an engine with the kvfactory connector (it pays
+  the connector's save as well, which is what a user of the connector pays);
+* **prefix cache**: the same prompt again in that engine, served by vLLM's own in-process
+  prefix cache;
+* **kvfactory after restart**: a fresh vLLM process on the same store directory, first
+  request for the prompt, served from kvfactory's disk tier;
+* **ExampleConnector after restart**: vLLM's built-in disk connector, filled by one
+  process and read by a fresh one.
+
+All warm paths use the *same* prompt, because ExampleConnector only matches an identical
+prompt. TTFT is the wall time of ``LLM.generate`` with ``max_tokens=1`` inside the engine
+process (no HTTP). Targets: kvfactory after restart <= 0.12x cold, <= 1.3x the prefix
+cache, and faster than ExampleConnector after restart.
+
+Run: ``make vllm && .venv/bin/python benchmarks/vllm_connector.py`` (prints a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engines" / "connector"))
+
+from vllm_harness import VLLMDriver, default_model_dir, synthetic_prompt, vllm_available
+
+COLD_TARGET = 0.12
+PREFIX_CACHE_TARGET = 1.3
+QUESTION_TOKENS = 32
+
+
+def ttft(driver: VLLMDriver, prompt: list[int]) -> tuple[float, int]:
+    reply = driver.generate([prompt], max_tokens=1)
+    return float(reply["seconds"]), int(reply["outputs"][0]["num_cached_tokens"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    args = parser.parse_args()
+    if not vllm_available():
+        raise SystemExit("vLLM's CPU build is not installed: run `make vllm`")
+    model = str(default_model_dir())
+    prompts = {
+        length: [
+            synthetic_prompt(length, seed=1000 * length + r)
+            + synthetic_prompt(QUESTION_TOKENS, seed=7 + r)
+            for r in range(args.repeats)
+        ]
+        for length in args.lengths
+    }
+    warmup = synthetic_prompt(300, seed=999)
+    root = Path(tempfile.mkdtemp(prefix="kvf-vllm-bench-"))
+    common = {
+        "model": model,
+        "block_size": args.block_size,
+        "max_model_len": max(args.lengths) + QUESTION_TOKENS + 64,
+        "max_num_batched_tokens": max(args.lengths) + QUESTION_TOKENS + 64,
+    }
+    kvf = {
+        **common,
+        "connector": "kvfactory",
+        "store": {
+            "home": str(root / "home"),
+            "store_dir": str(root / "store"),
+            "chunk_tokens": args.chunk_tokens,
+        },
+    }
+    example = {**common, "connector": "example", "example_path": str(root / "example")}
+    (root / "example").mkdir()
+    times: dict[tuple[str, int], list[float]] = {}
+    cached: dict[tuple[str, int], list[int]] = {}
+
+    def note(name: str, length: int, seconds: float, hit: int) -> None:
+        times.setdefault((name, length), []).append(seconds)
+        cached.setdefault((name, length), []).append(hit)
+
+    print(
+        "starting vLLM with the kvfactory connector (cold, then prefix cache)...", file=sys.stderr
+    )
+    with VLLMDriver(kvf) as first:
+        ttft(first, warmup)
+        for length, batch in prompts.items():
+            for prompt in batch:
+                note("cold", length, *ttft(first, prompt))
+                note("prefix cache", length, *ttft(first, prompt))
+    print("restarting vLLM on the same store...", file=sys.stderr)
+    with VLLMDriver(kvf) as second:
+        ttft(second, warmup)
+        for length, batch in prompts.items():
+            for prompt in batch:
+                note("kvfactory after restart", length, *ttft(second, prompt))
+    print("ExampleConnector: filling, then a fresh process...", file=sys.stderr)
+    with VLLMDriver(example) as fill:
+        for batch in prompts.values():
+            for prompt in batch:
+                ttft(fill, prompt)
+    with VLLMDriver(example) as read:
+        ttft(read, warmup)
+        for length, batch in prompts.items():
+            for prompt in batch:
+                note("ExampleConnector after restart", length, *ttft(read, prompt))
+
+    names = ["cold", "prefix cache", "kvfactory after restart", "ExampleConnector after restart"]
+    print(
+        f"\nvLLM {args.block_size}-token blocks, kvfactory {args.chunk_tokens}-token chunks, "
+        f"median of {args.repeats}; TTFT in seconds (cached tokens)\n"
+    )
+    print("| prompt | " + " | ".join(names) + " | kvf/cold | kvf/prefix cache | kvf/Example |")
+    print("|---:|" + "---:|" * (len(names) + 3))
+    for length in args.lengths:
+        med = {name: statistics.median(times[(name, length)]) for name in names}
+        hits = {name: min(cached[(name, length)]) for name in names}
+        cells = [f"{med[n]:.3f} ({hits[n]})" for n in names]
+        kvf = med["kvfactory after restart"]
+        r_cold = kvf / med["cold"]
+        r_prefix = kvf / med["prefix cache"]
+        r_example = kvf / med["ExampleConnector after restart"]
+        verdict = (
+            f"{r_cold:.3f} {'PASS' if r_cold <= COLD_TARGET else 'FAIL'}",
+            f"{r_prefix:.2f} {'PASS' if r_prefix <= PREFIX_CACHE_TARGET else 'FAIL'}",
+            f"{r_example:.2f} {'PASS' if r_example < 1.0 else 'FAIL'}",
+        )
+        print(
+            f"| {length + QUESTION_TOKENS:,} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(verdict)
+            + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The vLLM connector's scheduler-side planner and paged-tensor moves, without vLLM.
+
+Exact chunk, block and token numbers, in the style of vLLM's own prefix-cache tests: the
+planner runs against a real ``ContextStore`` (memory tier) and ``PagedKV`` against real
+tensors shaped like vLLM CPU's and CUDA flash attention's KV caches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvfactory._types import ModelFingerprint
+from kvfactory.engines.vllm_kv.paged import PagedKV, block_dim_of
+from kvfactory.engines.vllm_kv.plan import TransferPlanner
+from kvfactory.errors import ConfigError
+from kvfactory.store import ContextStore, MemoryTier
+from kvfactory.store.codec import BlockHeader, KVBlock
+from kvfactory.store.keys import Namespace, chunk_keys
+
+CHUNK = 8
+BLOCK = 4  # two vLLM blocks per store chunk
+
+
+@pytest.fixture
+def store() -> ContextStore:
+    with ContextStore([MemoryTier(1 << 20)], chunk_tokens=CHUNK) as opened:
+        yield opened
+
+
+@pytest.fixture
+def ns() -> Namespace:
+    fingerprint = ModelFingerprint("w", "t", "vllm-test", "bfloat16", CHUNK)
+    return Namespace.create(fingerprint, b"", tenant="default")
+
+
+def put_chunks(store: ContextStore, tokens: list[int], ns: Namespace, count: int) -> None:
+    keys = chunk_keys(tokens, ns)
+    for index in range(count):
+        header = BlockHeader(
+            dtype="uint8",
+            shape=(1,),
+            namespace=ns.id,
+            key=keys[index],
+            parent=ns.id if index == 0 else keys[index - 1],
+            chunk_index=index,
+            num_tokens=CHUNK,
+        )
+        store.put(KVBlock(header, b"x"))
+    store.flush()
+
+
+def test_chunk_must_be_a_multiple_of_the_block_size(store: ContextStore) -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        TransferPlanner(store, block_size=3)
+
+
+def test_matched_tokens_beyond_the_local_hit_and_never_the_last_token(
+    store: ContextStore, ns: Namespace
+) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK)
+    prompt = list(range(100, 125))  # 25 tokens: 3 full chunks
+    put_chunks(store, prompt, ns, 3)
+    assert planner.matched_tokens("r", prompt, ns, 0) == 24
+    assert planner.matched_tokens("r", prompt, ns, 12) == 12
+    assert planner.matched_tokens("r", prompt, ns, 24) == 0
+    exactly_three_chunks = prompt[:24]  # the last token must be computed: 2 chunks only
+    assert planner.matched_tokens("s", exactly_three_chunks, ns, 0) == 16
+
+
+def test_a_load_skips_blocks_the_local_cache_computed(store: ContextStore, ns: Namespace) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK)
+    prompt = list(range(200, 230))
+    put_chunks(store, prompt, ns, 3)
+    assert planner.matched_tokens("r", prompt, ns, 4) == 20  # local hit: block 0
+    planner.allocated("r", 20)
+    blocks = [50, 51, 52, 53, 54, 55, 56, 57]
+    spec = planner.take_load("r", blocks)
+    assert spec is not None
+    assert [c.chunk_index for c in spec.chunks] == [0, 1, 2]
+    assert [c.block_ids for c in spec.chunks] == [(50, 51), (52, 53), (54, 55)]
+    assert spec.skip_blocks == 1
+    assert spec.target_block_ids == [51, 52, 53, 54, 55]
+    assert spec.chunks[1].parent == spec.chunks[0].key
+    assert planner.take_load("r", blocks) is None  # sent once
+
+
+def test_saves_are_emitted_once_per_completed_chunk(store: ContextStore, ns: Namespace) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK)
+    prompt = list(range(300, 320))  # 20 tokens
+    assert planner.matched_tokens("r", prompt, ns, 0) == 0
+    blocks = [7, 3, 9, 1, 4, 8]
+    first = planner.take_save("r", prompt, 12, len(prompt), blocks)  # a chunked prefill step
+    assert first is not None
+    assert [(c.chunk_index, c.block_ids) for c in first.chunks] == [(0, (7, 3))]
+    assert first.chunks[0].key == chunk_keys(prompt, ns)[0]
+    assert planner.take_save("r", prompt, 12, len(prompt), blocks) is None
+    generated = [*prompt, 1, 2, 3, 4]  # 24 tokens after decoding four
+    second = planner.take_save("r", generated, 24, len(prompt), blocks)
+    assert second is not None
+    assert [(c.chunk_index, c.block_ids) for c in second.chunks] == [(1, (9, 1)), (2, (4, 8))]
+    assert [c.key for c in second.chunks] == chunk_keys(generated, ns)[1:3]
+    assert planner.finished("r") is True
+    assert not planner.tracked("r")
+
+
+def test_prompt_only_saves_and_stored_chunks_are_skipped(
+    store: ContextStore, ns: Namespace
+) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK, save_generated=False)
+    prompt = list(range(400, 420))
+    put_chunks(store, prompt, ns, 1)
+    assert planner.matched_tokens("r", prompt, ns, 0) == 8
+    generated = [*prompt, 5, 6, 7, 8]
+    spec = planner.take_save("r", generated, 24, len(prompt), [0, 1, 2, 3, 4, 5])
+    assert spec is not None
+    assert [c.chunk_index for c in spec.chunks] == [1]  # chunk 0 was stored, chunk 2 generated
+    assert planner.finished("r") is True
+
+
+def test_other_namespaces_do_not_match(store: ContextStore, ns: Namespace) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK)
+    prompt = list(range(500, 520))
+    put_chunks(store, prompt, ns, 2)
+    other = Namespace.create(ns.fingerprint, b"tenant-b", tenant="b")
+    assert planner.matched_tokens("r", prompt, other, 0) == 0
+    assert planner.matched_tokens("r", prompt, ns, 0) == 16
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [
+        ((12, 3, BLOCK, 2 * 8), 0),  # vLLM CPU: [blocks, kv_heads, block_size, 2*head]
+        ((2, 12, BLOCK, 3, 8), 1),  # CUDA flash attention: [2, blocks, block_size, heads, head]
+    ],
+)
+def test_paged_gather_and_scatter_round_trip(shape: tuple[int, ...], dim: int) -> None:
+    num_blocks = 12
+    assert block_dim_of(shape, num_blocks) == dim
+    source = {f"layer.{i}": torch.randn(shape).to(torch.bfloat16) for i in range(3)}
+    paged = PagedKV.from_vllm(source, num_blocks)
+    data = paged.gather([5, 2, 9])
+    assert data.shape == paged.chunk_shape(3) == (3, 3, *paged.block_shape)
+    for layer, tensor in enumerate(source.values()):
+        assert torch.equal(data[layer, 1], tensor.select(dim, 2))
+    target = {name: torch.zeros_like(t) for name, t in source.items()}
+    PagedKV.from_vllm(target, num_blocks).scatter([0, 7, 11], data)
+    for name, tensor in target.items():
+        assert torch.equal(tensor.select(dim, 7), source[name].select(dim, 2))
+        assert torch.equal(tensor.select(dim, 1), torch.zeros_like(tensor.select(dim, 1)))
+    assert "blockdim" in paged.describe()
+
+
+def test_mixed_layer_shapes_are_refused() -> None:
+    caches = {"a": torch.zeros(4, 2, 8), "b": torch.zeros(4, 2, 16)}
+    with pytest.raises(ConfigError, match="hybrid"):
+        PagedKV.from_vllm(caches, 4)
