@@ -253,7 +253,9 @@ def _build_vllm(settings: Settings, model_dir: Path, *, metrics: Any, **_: Any) 
 
     # httpx logs every upstream call at INFO: one line per request to vLLM is noise here
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
-    return VLLMEngine.from_settings(settings, model_dir, metrics=metrics)
+    engine = VLLMEngine.from_settings(settings, model_dir, metrics=metrics)
+    engine.launch()  # before uvicorn: a vLLM that cannot start is one error line, exit 1
+    return engine
 
 
 ENGINES: dict[str, EngineKind] = {

@@ -249,6 +249,36 @@ def test_chat_streaming_matches_non_streaming(gateway: Gateway) -> None:
 
 
 @needs_vllm
+def test_sampling_parameters_reach_vllm(gateway: Gateway) -> None:
+    client = gateway.client()
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+    def complete(**sampling: Any) -> tuple[str, str | None]:
+        reply = client.chat.completions.create(
+            model=gateway.model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=24,
+            **sampling,
+        )
+        return reply.choices[0].message.content or "", reply.choices[0].finish_reason
+
+    greedy, _ = complete(temperature=0)
+    # seeded sampling is reproducible, and it is sampling: some seed leaves the greedy path
+    sampled = {
+        seed: complete(temperature=1.0, top_p=0.95, extra_body={"top_k": 50}, seed=seed)[0]
+        for seed in (1, 2, 3)
+    }
+    assert complete(temperature=1.0, top_p=0.95, extra_body={"top_k": 50}, seed=2)[0] == sampled[2]
+    assert any(text != greedy for text in sampled.values())
+    # a stop string ends the answer before it and is not part of it
+    stop = greedy[len(greedy) // 2 :][:4]
+    assert stop.strip(), greedy
+    cut, reason = complete(temperature=0, stop=[stop])
+    assert cut == greedy[: greedy.index(stop)]
+    assert reason == "stop"
+
+
+@needs_vllm
 def test_repeated_long_prompt_reports_cached_tokens(gateway: Gateway) -> None:
     messages = _long_messages("pebble")
     first, prompt_tokens, cold = _ask(gateway, messages)
@@ -361,12 +391,12 @@ def test_unknown_api_key_is_rejected(gateway: Gateway) -> None:
         )
 
 
-def _serve_fails(home: Path, *flags: str, **env: str) -> str:
+def _serve_fails(home: Path, *flags: str, code: int = 2, **env: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "kvfactory", "serve", "--engine", "vllm", *flags],
         capture_output=True, text=True, timeout=300, env=_env(home, **env),
     )  # fmt: skip
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == code, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, done.stderr
     return lines[0]
@@ -392,6 +422,17 @@ def test_missing_vllm_is_one_line(tmp_path: Path, model_dir: Path) -> None:
     missing = tmp_path / "no-venv" / "python"
     line = _serve_fails(tmp_path, "--model", str(model_dir), KVFACTORY_VLLM_PYTHON=str(missing))
     assert "vLLM is not installed: run `make vllm`" in line
+
+
+@needs_vllm
+def test_vllm_that_cannot_start_is_one_line_with_its_cause(tmp_path: Path, model_dir: Path) -> None:
+    line = _serve_fails(
+        tmp_path, "--model", str(model_dir), code=1, KVFACTORY_VLLM_MAX_MODEL_LEN="100000"
+    )
+    assert "vLLM exited with code" in line
+    assert "max_model_len (100000)" in line  # vLLM's own reason, not just "see the log"
+    log = next((tmp_path / "logs").glob("vllm-*.log"))
+    assert f"full log: {log}" in line
 
 
 # -- the launch command and the stream format, without starting vLLM -------------------

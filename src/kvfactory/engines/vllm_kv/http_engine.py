@@ -261,8 +261,15 @@ class VLLMEngine:
         if self.metrics is not None:
             self.metrics.serving.running.labels(model=self.model_name).set(self._in_flight)
 
+    def launch(self) -> None:
+        """Start vLLM now and block until it serves (so a failure is one CLI error line)."""
+        self.server.start()
+
     async def start(self) -> None:
-        await self.server.start()
+        if self.server.process is None:
+            # spawned from this thread: vLLM is tied to its lifetime (PDEATHSIG)
+            self.server.spawn()
+        await asyncio.to_thread(self.server.wait_ready)
         # no read timeout: a long prefill or generation on CPU legitimately takes minutes
         self._client = httpx.AsyncClient(
             base_url=self.server.base_url, timeout=httpx.Timeout(None, connect=10.0)

@@ -11,11 +11,12 @@ about HTTP requests beyond the health probe, nor about the gateway.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ NOT_INSTALLED = "vLLM is not installed: run `make vllm`"
 STOP_GRACE_S = 20.0
 HEALTH_POLL_S = 0.5
 LOG_TAIL_LINES = 30
+_ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|Value error,")
+log = logging.getLogger(__name__)
 
 
 def _repo_root() -> Path:
@@ -188,6 +191,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _likely_cause(tail: str) -> str:
+    """The last error line of a log tail that names a cause (not "see above")."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line) and "root cause" not in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with path.open(encoding="utf-8", errors="replace") as handle:
@@ -236,30 +248,34 @@ class VLLMServer:
                 preexec_fn=_die_with_parent,
             )
 
-    async def start(self) -> None:
-        """Spawn vLLM and wait for ``/health``; ``EngineError`` with its log if it fails."""
+    def start(self) -> None:
+        """Spawn vLLM (in the calling thread) and block until it is healthy."""
         self.spawn()
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until ``/health`` answers; ``EngineError`` (one line) if vLLM fails."""
         deadline = time.monotonic() + self.startup_timeout_s
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=5.0) as client:
-            while True:
+        with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
+            while not self.ready:
                 code = self.returncode
                 if code is not None:
                     raise EngineError(self._failure(f"vLLM exited with code {code} while starting"))
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        self.ready = True
-                        return
-                except httpx.HTTPError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
+                with contextlib.suppress(httpx.HTTPError):  # not listening yet
+                    self.ready = client.get("/health").status_code == 200
+                if not self.ready and time.monotonic() > deadline:
                     self.stop()
                     raise EngineError(
-                        self._failure(f"vLLM did not become healthy in {self.startup_timeout_s}s")
+                        self._failure(f"vLLM was not healthy after {self.startup_timeout_s:.0f} s")
                     )
-                await asyncio.sleep(HEALTH_POLL_S)
+                if not self.ready:
+                    time.sleep(HEALTH_POLL_S)
 
     def _failure(self, what: str) -> str:
-        return f"{what} (log {self.log_path}):\n{_log_tail(self.log_path)}"
+        """One line naming the cause; the log's tail goes to the log, where it fits."""
+        tail = _log_tail(self.log_path)
+        log.error("the last lines of vLLM's log (%s):\n%s", self.log_path, tail)
+        return f"{what}: {_likely_cause(tail)} (full log: {self.log_path})"
 
     @property
     def returncode(self) -> int | None:
