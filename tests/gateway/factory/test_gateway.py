@@ -3,7 +3,8 @@ process, the official ``openai`` client.
 
 Every scenario has its own route and its own backend entries (several entries may point at
 one upstream process), so circuit breakers and faults of one test never leak into another.
-Faults are injected over the upstreams' control endpoint, per upstream model.
+Faults are injected over the upstreams' control endpoint, per upstream model. The whole
+module runs twice: with the lean hot-path client (``client = "fast"``) and with httpx.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def upstream_model(route: str) -> str:
     return f"up-{route}"
 
 
-def factory_toml(ups: dict[str, Upstream]) -> str:
+def factory_toml(ups: dict[str, Upstream], client: str) -> str:
     lines = [
         "[gateway]", "affinity_chunk_chars = 32", "",
         "[canary]", "enabled = false", "",
@@ -61,6 +62,7 @@ def factory_toml(ups: dict[str, Upstream]) -> str:
                 f"[backends.{backend}]",
                 f'url = "{ups[upstream].v1}"',
                 f'models = {{ {route} = "{upstream_model(route)}" }}',
+                f'client = "{client}"',
                 extra,
                 "",
             ]
@@ -76,11 +78,15 @@ def ups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Upstream
         yield started
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["fast", "httpx"])
 def gateway(
-    ups: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    ups: dict[str, Upstream],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
-    with running_gateway(tmp_path_factory.mktemp("gateway"), factory_toml(ups)) as gw:
+    with running_gateway(
+        tmp_path_factory.mktemp("gateway"), factory_toml(ups, request.param)
+    ) as gw:
         yield gw
 
 
@@ -174,7 +180,14 @@ def test_models_health_metrics(gateway: Gateway, client: openai.OpenAI) -> None:
     health = httpx.get(gateway.url + "/healthz")
     assert health.status_code == 200, health.text
     chat(client, "basic")
-    metrics = httpx.get(gateway.url + "/metrics").text
+    # Unary responses report to metrics just after their body is sent: allow a moment.
+    deadline = time.monotonic() + 5
+    while (
+        "kvfactory_gateway_backend_requests_total"
+        not in (metrics := httpx.get(gateway.url + "/metrics").text)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     assert (
         'kvfactory_gateway_backend_requests_total{backend="a_basic",model="basic",status="ok"}'
         in metrics

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -96,9 +97,14 @@ def test_served_requests_are_priced_in_the_ledger(gateway: Gateway) -> None:
     ]
     assert "".join(pieces) == "alpha heard stream it"
 
-    lines = (gateway.config.parent / "usage.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    mine = [r for r in records if r["tenant"] == "team-b"]
+    ledger = gateway.config.parent / "usage.jsonl"
+    deadline = time.monotonic() + 5  # unary lines are written just after the body is sent
+    while True:
+        lines = ledger.read_text().splitlines() if ledger.exists() else []
+        mine = [r for r in map(json.loads, lines) if r["tenant"] == "team-b"]
+        if len(mine) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(mine) == 4
     cached = [r for r in mine if r["cached_tokens"] > 0]
     assert cached, "the second long prompt should report cached tokens"
@@ -112,7 +118,7 @@ def test_served_requests_are_priced_in_the_ledger(gateway: Gateway) -> None:
         assert record["cost_usd"] == pytest.approx(expected)
         assert record["backend"] == "u" and record["energy_estimated"] is True
         assert record["energy_j"] > 0
-    streamed = mine[-1]
-    assert streamed["completion_tokens"] == 4  # usage the gateway asked for on its own
+    # the stream's usage, which the gateway asked the upstream for on its own
+    assert [r["completion_tokens"] for r in mine].count(4) == 1
     metrics = httpx.get(gateway.url + "/metrics").text
     assert 'kvfactory_cost_usd_total{backend="u",tenant="team-b"}' in metrics

@@ -1,8 +1,9 @@
 """Backends as the gateway holds them: one pooled HTTP client, load counters and health each.
 
-A ``Backend`` is an OpenAI-compatible upstream (kvfactory, vLLM or a hosted API) reached
-through its own ``httpx.AsyncClient``, so connections are reused and one slow upstream
-cannot exhaust another's pool. It counts requests and prompt tokens in flight (the load
+A ``Backend`` is an OpenAI-compatible upstream (kvfactory, vLLM or a hosted API) with its
+own ``httpx.AsyncClient`` (canaries, and client requests when ``client = "httpx"``) and its
+own hot-path ``Transport`` (``fasthttp.FastPool`` by default), so connections are reused and
+one slow upstream cannot exhaust another's pool. It counts requests and prompt tokens in flight (the load
 the router sees) and carries a ``Health``. ``Backends`` is the set built from the config.
 This module does not decide where a request goes or what a failure means.
 """
@@ -17,7 +18,9 @@ import httpx
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.factory.config import BackendConfig, FactoryConfig
+from kvfactory.gateway.factory.fasthttp import FastPool
 from kvfactory.gateway.factory.health import CircuitBreaker, Clock, Health
+from kvfactory.gateway.factory.transport import HttpxTransport, Transport
 
 
 @dataclass(slots=True)
@@ -65,6 +68,17 @@ class Backend:
             ),
             transport=transport,
         )
+        self.transport: Transport = (
+            HttpxTransport(self.client)
+            if config.client == "httpx"
+            else FastPool(
+                config.api_root,
+                headers=headers,
+                timeout_s=config.timeout_s,
+                connect_timeout_s=config.connect_timeout_s,
+                max_connections=config.max_connections,
+            )
+        )
 
     def upstream_model(self, public_model: str) -> str:
         return self.config.upstream_model(public_model)
@@ -87,6 +101,7 @@ class Backend:
         }
 
     async def aclose(self) -> None:
+        await self.transport.aclose()
         await self.client.aclose()
 
 

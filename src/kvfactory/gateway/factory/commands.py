@@ -60,6 +60,9 @@ def run_gateway(
         port=settings.port if port is None else port,
         log_level=(log_level or settings.log_level).lower(),
         access_log=False,
+        proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
+        server_header=False,
+        date_header=False,
         timeout_graceful_shutdown=5,
     )
 

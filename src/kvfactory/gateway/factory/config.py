@@ -53,6 +53,9 @@ class BackendConfig(_Frozen):
     timeout_s: float = Field(default=60.0, gt=0, description="connect-to-first-byte and gaps")
     connect_timeout_s: float = Field(default=2.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    client: Literal["fast", "httpx"] = Field(
+        default="fast", description="hot-path HTTP client; httpx for proxies, HTTP/2, ..."
+    )
     logprobs: bool = Field(default=False, description="canaries may ask for logprobs")
     failure_threshold: int = Field(default=3, ge=1, description="failures that open the circuit")
     cooldown_s: float = Field(default=10.0, gt=0, description="open -> half-open after this")

@@ -14,6 +14,7 @@ economics). This module does not parse client requests or know HTTP routes.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -34,13 +35,14 @@ from kvfactory.gateway.factory.relay import (
     usage_numbers,
 )
 from kvfactory.gateway.factory.routing import Router, RouteRequest
+from kvfactory.gateway.factory.transport import UpstreamResponse
 from kvfactory.gateway.streaming import DONE
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """A validated client request, ready to send."""
+    """A validated client request, ready to send (``on_finish`` is set once admitted)."""
 
     path: str  # "/chat/completions" or "/completions", relative to a backend's /v1
     body: Mapping[str, Any]
@@ -87,6 +89,8 @@ class Served:
     stream: AsyncIterator[bytes] | None = None
     degraded: str | None = None
     fallbacks: tuple[Failure, ...] = ()
+    after: Callable[[], None] | None = None
+    """Reporting to run once the body is sent (unary responses: off the latency path)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +222,8 @@ class Dispatcher:
         tokens = call.route.prompt_tokens + (cap or call.route.max_tokens)
         backend.begin(tokens)
         try:
-            request = backend.client.build_request("POST", call.path, content=content)
             try:
-                response = await backend.client.send(request, stream=call.stream)
+                response = await backend.transport.send(call.path, content, stream=call.stream)
             except httpx.HTTPError as exc:
                 raise Failed(classify_exception(backend, exc)) from exc
             if not call.stream or response.status_code != 200:
@@ -232,7 +235,7 @@ class Dispatcher:
             backend.end(tokens)
             raise
 
-    async def _unary(self, job: _Job, response: httpx.Response) -> Served:
+    async def _unary(self, job: _Job, response: UpstreamResponse) -> Served:
         backend, rewrite = job.backend, job.rewrite
         try:
             body = await response.aread()
@@ -245,8 +248,10 @@ class Dispatcher:
             raise Failed(failure)
         self._on_success(backend)
         if response.status_code != 200:  # the client's fault: pass the upstream's answer on
-            self._finish(job, None, first=None, last=None, outputs=0, ok=False)
-            return Served(backend, response.status_code, content=body, degraded=job.degraded)
+            report = self._finish(job, None, first=None, last=None, outputs=0, ok=False)
+            return Served(
+                backend, response.status_code, content=body, degraded=job.degraded, after=report
+            )
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -255,10 +260,10 @@ class Dispatcher:
             payload["model"] = rewrite.public_model
             body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         usage = payload.get("usage") if isinstance(payload, dict) else None
-        self._finish(job, usage, first=None, last=None, outputs=0, ok=True)
-        return Served(backend, 200, content=body, degraded=job.degraded)
+        report = self._finish(job, usage, first=None, last=None, outputs=0, ok=True)
+        return Served(backend, 200, content=body, degraded=job.degraded, after=report)
 
-    async def _open_stream(self, job: _Job, response: httpx.Response, tokens: int) -> Served:
+    async def _open_stream(self, job: _Job, response: UpstreamResponse, tokens: int) -> Served:
         """Read up to the first output event (falling back is still possible until then)."""
         backend = job.backend
         splitter = EventSplitter()
@@ -286,7 +291,7 @@ class Dispatcher:
         return Served(backend, 200, stream=relay, degraded=job.degraded)
 
     async def _relay(
-        self, job: _Job, response: httpx.Response, upstream: _Upstream, tokens: int
+        self, job: _Job, response: UpstreamResponse, upstream: _Upstream, tokens: int
     ) -> AsyncIterator[bytes]:
         backend, call, rewrite = job.backend, job.call, job.rewrite
         chunks, splitter = upstream.chunks, upstream.splitter
@@ -302,7 +307,7 @@ class Dispatcher:
             if not accounted:
                 accounted = True
                 backend.end(tokens)
-                self._finish(job, usage, first=first, last=last, outputs=outputs, ok=ok)
+                self._finish(job, usage, first=first, last=last, outputs=outputs, ok=ok)()
 
         pending = upstream.held
         try:
@@ -400,7 +405,9 @@ class Dispatcher:
         last: float | None,
         outputs: int,
         ok: bool,
-    ) -> None:
+    ) -> Callable[[], None]:
+        """Account for the request now (router, admission ticket); returns the reporting
+        to sinks (metrics, ledger), which unary responses run after the body is sent."""
         backend, call, started = job.backend, job.call, job.started
         ended = time.perf_counter()
         prompt, cached, completion = usage_numbers(usage)
@@ -430,10 +437,13 @@ class Dispatcher:
             ok=ok,
             degraded=job.degraded is not None,
         )
-        for sink in self.sinks:
-            sink(finished)
         if call.on_finish is not None:
             call.on_finish(finished)
+        return functools.partial(self._report, finished)
+
+    def _report(self, finished: Finished) -> None:
+        for sink in self.sinks:
+            sink(finished)
 
 
 __all__ = ["Call", "Dispatcher", "FinishSink", "Finished", "Served"]

@@ -6,10 +6,15 @@ backend's configured power draw (remote backends cannot be metered from here, so
 always labelled estimated), then recorded in the ``UsageLedger`` (Prometheus series and the
 usage JSONL that ``kvfactory report`` reads). A backend serving several requests at once
 draws its power once, so each request is charged its share (1 / requests then in flight).
+Records are written by one writer thread, in order, so the hot path only enqueues.
 This module does not know routes or HTTP.
 """
 
 from __future__ import annotations
+
+import logging
+import queue
+import threading
 
 from kvfactory.gateway.factory.backends import Backends
 from kvfactory.gateway.factory.dispatch import Finished
@@ -17,8 +22,13 @@ from kvfactory.telemetry.cost import Price
 from kvfactory.telemetry.economics import UsageLedger
 from kvfactory.telemetry.energy import ConfiguredPower, PowerSource
 
+log = logging.getLogger("kvfactory.gateway.ledger")
+
 
 class LedgerSink:
+    """Records finished requests on a writer thread: pricing, the JSON line and its flush
+    stay off the event loop that relays requests."""
+
     def __init__(self, ledger: UsageLedger, backends: Backends):
         self.ledger = ledger
         self.backends = backends
@@ -28,11 +38,28 @@ class LedgerSink:
             price = backend.config.price
             self._prices[name] = Price(price.input, price.cached_or_input, price.output)
             self._power[name] = ConfiguredPower(backend.config.power_watts, name=f"config:{name}")
+        self._queue: queue.SimpleQueue[tuple[Finished, float] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def __call__(self, finished: Finished) -> None:
         if not finished.ok and finished.prompt_tokens == finished.completion_tokens == 0:
             return  # nothing was served (a client error passed through): nothing to bill
-        backend = self.backends[finished.backend]
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvfactory-ledger", daemon=True)
+            self._thread.start()
+        # The share is read now, on the loop that owns the load counters.
+        share = 1.0 / (self.backends[finished.backend].load.requests + 1)
+        self._queue.put((finished, share))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            finished, share = item
+            try:
+                self._record(finished, share)
+            except Exception:
+                log.exception("could not record usage of %s", finished.request_id)
+
+    def _record(self, finished: Finished, share: float) -> None:
         self.ledger.record(
             finished.tenant,
             finished.backend,
@@ -45,9 +72,16 @@ class LedgerSink:
             finished.busy_s,
             self._prices[finished.backend],
             self._power[finished.backend],
-            share=1.0 / (backend.load.requests + 1),  # this request has already ended
+            share=share,
             request_id=finished.request_id,
         )
+
+    def close(self) -> None:
+        """Write everything queued, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 __all__ = ["LedgerSink"]

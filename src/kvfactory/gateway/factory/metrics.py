@@ -9,7 +9,9 @@ does not know how requests are routed.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from kvfactory.gateway.factory.backends import Backends
 from kvfactory.gateway.factory.dispatch import Finished
@@ -19,11 +21,38 @@ from kvfactory.telemetry.metrics import Metrics
 _CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The labelled children one (backend, model, outcome) updates per request."""
+
+    prompt: Counter
+    cached: Counter
+    completion: Counter
+    ttft: Histogram
+    tpot: Histogram
+    requests: Counter
+    backend_requests: Counter
+
+    @classmethod
+    def of(cls, gateway: GatewayMetrics, backend: str, model: str, status: str) -> _Series:
+        serving = gateway.metrics.serving
+        return cls(
+            prompt=serving.prompt_tokens.labels(model=model),
+            cached=serving.cached_tokens.labels(model=model),
+            completion=serving.completion_tokens.labels(model=model),
+            ttft=serving.ttft.labels(model=model),
+            tpot=serving.tpot.labels(model=model),
+            requests=serving.requests.labels(model=model, status=status),
+            backend_requests=gateway.requests.labels(backend=backend, model=model, status=status),
+        )
+
+
 class GatewayMetrics:
     def __init__(self, metrics: Metrics, backends: Backends):
         registry = metrics.registry
         self.metrics = metrics
         self.backends = backends
+        self._series: dict[tuple[str, str, str], _Series] = {}
         self.requests = Counter(
             "kvfactory_gateway_backend_requests",
             "Requests finished on a backend, by outcome",
@@ -59,18 +88,20 @@ class GatewayMetrics:
         )
 
     def sink(self, finished: Finished) -> None:
-        serving = self.metrics.serving
-        model = finished.model
-        serving.prompt_tokens.labels(model=model).inc(finished.prompt_tokens)
-        serving.cached_tokens.labels(model=model).inc(finished.cached_tokens)
-        serving.completion_tokens.labels(model=model).inc(finished.completion_tokens)
-        if finished.ttft_s is not None and finished.ok:
-            serving.ttft.labels(model=model).observe(finished.ttft_s)
-        if finished.tpot_s is not None:
-            serving.tpot.labels(model=model).observe(finished.tpot_s)
         status = "ok" if finished.ok else "error"
-        serving.requests.labels(model=model, status=status).inc()
-        self.requests.labels(backend=finished.backend, model=model, status=status).inc()
+        key = (finished.backend, finished.model, status)
+        series = self._series.get(key)
+        if series is None:  # label lookups cost more than the updates: resolve them once
+            series = self._series[key] = _Series.of(self, *key)
+        series.prompt.inc(finished.prompt_tokens)
+        series.cached.inc(finished.cached_tokens)
+        series.completion.inc(finished.completion_tokens)
+        if finished.ttft_s is not None and finished.ok:
+            series.ttft.observe(finished.ttft_s)
+        if finished.tpot_s is not None:
+            series.tpot.observe(finished.tpot_s)
+        series.requests.inc()
+        series.backend_requests.inc()
 
     def render(self) -> bytes:
         for name, backend in self.backends.items():
