@@ -60,7 +60,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.dev redis-server postgres-server lint typecheck
+test: $(VENV)/.dev redis-server postgres-server vllm lint typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench-store: $(VENV)/.dev

@@ -70,10 +70,15 @@ def _kvfactory_vllm(port: int, workdir: Path) -> list[str]:
     return [*_kvfactory(port, workdir), "--engine", "vllm"]
 
 
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+"""vLLM's CPU build lives in its own environment (``make vllm``)."""
+
+
 def _vllm(port: int, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port),
-            "--model", str(_model_dir()), "--served-model-name", MODEL, "--dtype", "float32",
-            "--enable-prefix-caching", "--enforce-eager", "--max-model-len", "8192"]  # fmt: skip
+    return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--port", str(port),
+            "--model", str(_model_dir()), "--served-model-name", MODEL, "--dtype", "bfloat16",
+            "--enable-prefix-caching", "--enforce-eager", "--max-model-len", "8192",
+            "--block-size", "128", "--enable-prompt-tokens-details"]  # fmt: skip
 
 
 def _llama_cpp(port: int, workdir: Path) -> list[str]:
@@ -101,7 +106,7 @@ def _serve_has_engine_flag() -> bool:
 
 def available_peers() -> dict[str, Peer | str]:
     """Each peer, or why it cannot run here."""
-    vllm_ok = importlib.util.find_spec("vllm") is not None
+    vllm_ok = VLLM_PYTHON.is_file()
     return {
         "kvfactory": Peer("kvfactory", _kvfactory),
         "kvfactory+vllm": Peer("kvfactory+vllm", _kvfactory_vllm)

@@ -43,7 +43,19 @@ PROMPTS = {
 }
 BATCH = [synthetic_prompt(520 + 40 * i, seed=10 + i) for i in range(4)]
 EXTENDED = PROMPTS["two_chunks"] + synthetic_prompt(300, seed=6)
-PREEMPT_BATCH = [synthetic_prompt(500, seed=20 + i) for i in range(4)]
+PREEMPT_WORDS = ("harbor", "orchard", "foundry", "library")
+
+
+def counting_prompt(model_dir: Path, word: str, length: int) -> list[int]:
+    """Counting the model continues with near-certainty: random token soup has near-tied
+    logits, so a different batch or prefill split alone could flip a greedy token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    start = 10 * (1 + PREEMPT_WORDS.index(word))
+    text = f"The {word} count: " + ", ".join(str(n) for n in range(start, start + 400))
+    ids = list(tokenizer(text)["input_ids"])
+    return ids[:length]
 
 
 def store_hit(tokens: list[int]) -> int:
@@ -194,14 +206,16 @@ def test_preempted_requests_finish_with_the_same_output(
     stage: Stage, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     log = tmp_path_factory.mktemp("vllm-third") / "third.log"
-    # 16 blocks of 128 tokens hold 2,048 tokens: four 500-token prompts growing by 48
-    # tokens each cannot all stay resident, so vLLM preempts and later resumes some.
+    # 16 usable blocks of 128 tokens (vLLM keeps one more as its null block) hold 2,048
+    # tokens: four 500-token prompts growing by 48 tokens each cannot all stay resident,
+    # so vLLM preempts and later resumes some.
     options = stage.options(
-        model_dir, num_gpu_blocks=16, max_num_batched_tokens=2048, max_model_len=2048
+        model_dir, num_gpu_blocks=17, max_num_batched_tokens=2048, max_model_len=2048
     )
+    batch = [counting_prompt(model_dir, word, 500) for word in PREEMPT_WORDS]
     with VLLMDriver(options, log_path=log) as third:
-        alone = [tokens(third.generate([prompt], 48)) for prompt in PREEMPT_BATCH]
-        together = third.generate(PREEMPT_BATCH, 48)
+        alone = [tokens(third.generate([prompt], 48)) for prompt in batch]
+        together = third.generate(batch, 48)
         preemptions = third.metrics().get("vllm:num_preemptions", 0.0)
     assert preemptions > 0, "the batch did not trigger preemption"
     assert [tokens(together, i) for i in range(4)] == alone

@@ -55,10 +55,12 @@ class VLLMDriver:
         )
         self._replies: deque[str] = deque()
         self._ready = threading.Event()
+        self._eof = False
         self._reply_ready = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(START_TIMEOUT_S) or self._process.poll() is not None:
+        if not self._ready.wait(START_TIMEOUT_S) or self._eof:
+            self._process.kill()
             self.close()
             raise RuntimeError("vLLM driver did not start:\n" + self.log_tail())
 
@@ -75,9 +77,10 @@ class VLLMDriver:
                     self._reply_ready.notify_all()
             else:
                 self._log.append(line)
-        self._ready.set()
         with self._reply_ready:
+            self._eof = True
             self._reply_ready.notify_all()
+        self._ready.set()
 
     def log_tail(self) -> str:
         return "".join(list(self._log)[-60:])
@@ -87,9 +90,7 @@ class VLLMDriver:
         self._process.stdin.write(json.dumps(command) + "\n")
         self._process.stdin.flush()
         with self._reply_ready:
-            if not self._reply_ready.wait_for(
-                lambda: self._replies or self._process.poll() is not None, timeout
-            ):
+            if not self._reply_ready.wait_for(lambda: bool(self._replies) or self._eof, timeout):
                 raise TimeoutError(f"no reply to {command['op']}:\n{self.log_tail()}")
             if not self._replies:
                 raise RuntimeError(f"vLLM driver exited:\n{self.log_tail()}")
