@@ -11,7 +11,7 @@ PORT   ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: serve serve-shared test lint typecheck redis-server postgres-server vllm bench bench-store bench-ttft bench-remote \
-	bench-simulate clean install-serve install-dev
+	bench-simulate bench-gateway clean install-serve install-dev
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,9 @@ bench-remote: $(VENV)/.dev redis-server
 
 bench-simulate: $(VENV)/.dev
 	$(PY) benchmarks/simulate_policies.py
+
+bench-gateway: $(VENV)/.dev
+	$(PY) benchmarks/gateway_overhead.py
 
 bench: bench-store bench-simulate bench-remote bench-ttft
 
