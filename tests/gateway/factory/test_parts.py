@@ -226,3 +226,19 @@ def test_least_load_cost_energy_and_balanced_orderings() -> None:
     for _ in range(3):  # three requests in flight on c outweigh its warm prefix
         backends["c"].begin(0)
     assert router.plan(chain, _request(digests), "balanced")[0].name == "b"
+
+
+def test_the_gateway_cli_reports_bad_config_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvfactory.cli import main
+
+    path = tmp_path / "factory.toml"
+    path.write_text('[backends.a]\nurl = "http://x"\n[routes.m]\nbackends = ["nope"]\n')
+    assert main(["gateway", "--config", str(path)]) == 2
+    assert main(["gateway", "canary", "--config", str(path)]) == 2
+    assert main(["gateway"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 3
+    assert "routes.m: unknown backend 'nope'" in lines[0]
+    assert "--config FILE is required" in lines[2]
