@@ -46,7 +46,7 @@ def ttft(driver: VLLMDriver, prompt: list[int]) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--chunk-tokens", type=int, default=256)
     args = parser.parse_args()

@@ -251,13 +251,15 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             good.append(raw.view(paged.dtype).view(expected))
         loaded = len(good)
         targets = spec.target_block_ids
-        split = loaded * self._blocks_per_chunk - spec.skip_blocks
-        if good:
-            data = torch.cat(good, dim=1)[:, spec.skip_blocks :]
-            paged.scatter(targets[: max(split, 0)], data)
+        written = 0
+        for position, data in enumerate(good):
+            # chunk by chunk straight into the paged tensors: no staging copy of the prefix
+            skip = spec.skip_blocks if position == 0 else 0
+            count = self._blocks_per_chunk - skip
+            paged.scatter(targets[written : written + count], data[:, skip:])
+            written += count
         if loaded < len(spec.chunks):
-            failed = targets[max(split, 0) :]
-            self._load_errors.update(failed)
+            self._load_errors.update(targets[written:])
             self.counters["load_errors"] += len(spec.chunks) - loaded
         self.counters["loaded_chunks"] += loaded
 
