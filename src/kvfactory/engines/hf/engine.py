@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rich.console import Console
 from kvfactory._types import ModelFingerprint
 from kvfactory.config import Settings
 from kvfactory.engines.base import ChatMessage, GenerationRequest, check_context
+from kvfactory.engines.hf.chat_tokenizer import ChatTokenizer
 from kvfactory.engines.hf.detokenize import TextStream
 from kvfactory.engines.hf.fingerprint import (
     KVGeometry,
@@ -82,7 +82,7 @@ class HFEngine:
         self.tokenizer = load_tokenizer_from(model_dir)
         # Rust tokenizers are not safe to share between threads ("Already borrowed"): the
         # scheduler thread detokenizes with its own copy, callers share one behind a lock
-        self._tokenizer_lock = threading.Lock()
+        self._text = ChatTokenizer(self.tokenizer)
         self._stream_tokenizer = load_tokenizer_from(model_dir)
         self.runner = ModelRunner.load(model_dir, device=device, dtype=dtype, console=console)
         self.fingerprint: ModelFingerprint = build_fingerprint(
@@ -162,28 +162,13 @@ class HFEngine:
         return Namespace.create(self.fingerprint, tenant_salt, tenant)
 
     def tokenize(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return self._text.tokenize(text)
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if not messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            with self._tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(
-                    conversation, tokenize=False, add_generation_prompt=True
-                )
-        except ValueError as exc:  # no chat template, or one that rejects this conversation
-            raise InvalidRequestError(
-                f"cannot apply the chat template: {exc}", param="messages"
-            ) from exc
-        with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._text.tokenize_chat(messages)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        with self._tokenizer_lock:
-            return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+        return self._text.detokenize(token_ids)
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_token_ids

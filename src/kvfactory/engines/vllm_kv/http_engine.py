@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from kvfactory.engines.base import (
     Usage,
     check_context,
 )
+from kvfactory.engines.hf.chat_tokenizer import ChatTokenizer
 from kvfactory.engines.hf.runner import load_tokenizer_from
 from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, VLLMServer
 from kvfactory.errors import EngineError, InvalidRequestError
@@ -149,7 +149,7 @@ class VLLMEngine:
         self.metrics = metrics
         self.tokenizer = load_tokenizer_from(model_dir)
         # Rust tokenizers are not safe to share between threads ("Already borrowed")
-        self._tokenizer_lock = threading.Lock()
+        self._text = ChatTokenizer(self.tokenizer)
         self._vocab_size = len(self.tokenizer)
         self._context_window = _read_context_window(model_dir, max_model_len)
         self._client: httpx.AsyncClient | None = None
@@ -174,24 +174,10 @@ class VLLMEngine:
         return self._context_window
 
     def tokenize(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return self._text.tokenize(text)
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if not messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            with self._tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(
-                    conversation, tokenize=False, add_generation_prompt=True
-                )
-        except ValueError as exc:  # no chat template, or one that rejects this conversation
-            raise InvalidRequestError(
-                f"cannot apply the chat template: {exc}", param="messages"
-            ) from exc
-        with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._text.tokenize_chat(messages)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Validate now (errors before any stream), then stream from vLLM."""
