@@ -36,6 +36,7 @@ from kvfactory.gateway.factory.commands import register as register_gateway_comm
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
 from kvfactory.planner.commands import register as register_planner_commands
 from kvfactory.sessions.commands import register as register_session_commands
+from kvfactory.store.factory import remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes")
@@ -299,7 +300,7 @@ def run_server(settings: Settings) -> None:
     tenants = TenantResolver.from_env(settings.home)
     kind = _engine_kind(settings)
     # a bad URL fails before anything loads; vLLM's connector opens its own remote tier
-    remote = _remote_tiers(settings, incidents) if kind.opens_store else []
+    remote = remote_tiers(settings, incidents) if kind.opens_store else []
     # Resolve (and on first use convert) the model before touching the store, so a bad
     # --model fails fast and leaves no store folder behind.
     model_dir = resolve_model_dir(settings, console=console)
@@ -353,26 +354,6 @@ def run_server(settings: Settings) -> None:
         sessions.close()
         if store is not None:
             store.close()
-
-
-def _remote_tiers(
-    settings: Settings, incidents: Any, *, configure_server: bool = True
-) -> list[Any]:
-    """The shared tier named by ``settings.remote_url`` (none when unset)."""
-    if settings.remote_url is None:
-        return []
-    try:
-        from kvfactory.store.tiers.redis import RedisTier
-    except ImportError as exc:
-        raise ConfigError(
-            f"--store-remote needs the redis client: pip install 'kvfactory[redis]' ({exc})"
-        ) from exc
-    try:
-        return [
-            RedisTier(settings.remote_url, incidents=incidents, configure_server=configure_server)
-        ]
-    except ValueError as exc:
-        raise ConfigError(f"invalid --store-remote URL: {exc}") from exc
 
 
 def _log_store(log: logging.Logger, settings: Settings, tiers: Sequence[Any]) -> None:
@@ -591,7 +572,7 @@ def store_stats(
 
 def _remote_stats(settings: Settings) -> Any:
     """The remote tier's ``TierStats`` read from the server (``None`` without a remote)."""
-    tiers = _remote_tiers(settings, incidents=None, configure_server=False)
+    tiers = remote_tiers(settings, incidents=None, configure_server=False)
     if not tiers:
         return None
     try:

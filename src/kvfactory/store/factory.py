@@ -31,6 +31,27 @@ def build_local_tiers(settings: Settings) -> list[Tier]:
     return tiers
 
 
+def remote_tiers(
+    settings: Settings, incidents: IncidentLog | None, *, configure_server: bool = True
+) -> list[Tier]:
+    """The shared tier named by ``settings.remote_url`` (none when unset). The Redis tier is
+    imported only here, so the store runs without the ``redis`` extra."""
+    if settings.remote_url is None:
+        return []
+    try:
+        from kvfactory.store.tiers.redis import RedisTier
+    except ImportError as exc:
+        raise ConfigError(
+            f"--store-remote needs the redis client: pip install 'kvfactory[redis]' ({exc})"
+        ) from exc
+    try:
+        return [
+            RedisTier(settings.remote_url, incidents=incidents, configure_server=configure_server)
+        ]
+    except ValueError as exc:
+        raise ConfigError(f"invalid --store-remote URL: {exc}") from exc
+
+
 def open_store(
     settings: Settings,
     *,
@@ -54,4 +75,4 @@ def open_store(
     )
 
 
-__all__ = ["build_local_tiers", "open_store"]
+__all__ = ["build_local_tiers", "open_store", "remote_tiers"]

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from kvfactory.config import Settings
 from kvfactory.store.context_store import ContextStore
-from kvfactory.store.factory import open_store
+from kvfactory.store.factory import open_store, remote_tiers
 from kvfactory.telemetry.incidents import IncidentLog
 from kvfactory.telemetry.metrics import StoreMetrics
 
@@ -37,14 +37,6 @@ _lock = threading.Lock()
 _open: dict[Path, _Entry] = {}
 
 
-def _remote_tiers(settings: Settings, incidents: IncidentLog) -> list[object]:
-    if settings.remote_url is None:
-        return []
-    from kvfactory.store.tiers.redis import RedisTier
-
-    return [RedisTier(settings.remote_url, incidents=incidents)]
-
-
 def acquire(settings: Settings) -> tuple[ContextStore, IncidentLog]:
     """The process's store for ``settings.resolved_store_dir`` (opened on first use)."""
     where = settings.resolved_store_dir.resolve()
@@ -56,7 +48,7 @@ def acquire(settings: Settings) -> tuple[ContextStore, IncidentLog]:
                 settings,
                 metrics=StoreMetrics(CollectorRegistry()),
                 incidents=incidents,
-                extra_tiers=_remote_tiers(settings, incidents),  # type: ignore[arg-type]
+                extra_tiers=remote_tiers(settings, incidents),
             )
             entry = _open[where] = _Entry(store, incidents, 0)
         entry.users += 1
