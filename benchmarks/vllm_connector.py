@@ -29,9 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engines" / "connector"))
 
-from vllm_harness import VLLMDriver, default_model_dir, synthetic_prompt, vllm_available
+from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
+
+from model_dir import default_model_dir
 
 COLD_TARGET = 0.12
 PREFIX_CACHE_TARGET = 1.3

@@ -28,6 +28,7 @@ from kvfactory.engines.base import FinishEvent, TokenEvent, Usage
 from kvfactory.engines.vllm_kv.http_engine import CompletionStream, cache_salt
 from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, cpu_list, find_vllm_python
 from kvfactory.errors import ConfigError, EngineError, InvalidRequestError
+from model_dir import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -104,18 +105,6 @@ class Gateway:
         self.start()
 
 
-def _default_model_dir() -> Path:
-    """The converted embedded model (converted here once if needed)."""
-    done = subprocess.run(
-        [sys.executable, "-c", "from kvfactory.config import load_settings; "
-         "from kvfactory.engines.hf import resolve_model_dir; "
-         "print(resolve_model_dir(load_settings()))"],
-        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, check=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVFACTORY_")}
     env.update(
@@ -132,7 +121,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    return _default_model_dir()
+    return default_model_dir()
 
 
 @pytest.fixture(scope="module")

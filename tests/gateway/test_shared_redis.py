@@ -28,6 +28,7 @@ import pytest
 
 from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_healthy
 from kvfactory.cli import main
+from model_dir import default_model_dir
 
 redis = pytest.importorskip("redis")
 
@@ -116,18 +117,6 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
         proc.stop()
 
 
-def _default_model_dir() -> str:
-    """The converted embedded model (converted here once if needed), shared by both servers."""
-    done = subprocess.run(
-        [sys.executable, "-c", "from kvfactory.config import load_settings; "
-         "from kvfactory.engines.hf import resolve_model_dir; "
-         "print(resolve_model_dir(load_settings()))"],
-        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, check=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    return done.stdout.strip().splitlines()[-1]
-
-
 def _start(name: str, workdir: Path, model_dir: str, redis_url: str) -> Server:
     port = free_port()
     home = workdir / f"home-{name}"
@@ -156,7 +145,7 @@ def servers(
     tmp_path_factory: pytest.TempPathFactory, shared_redis: RedisProc
 ) -> Iterator[tuple[Server, Server]]:
     workdir = tmp_path_factory.mktemp("servers")
-    model_dir = _default_model_dir()
+    model_dir = str(default_model_dir())
     both = [_start(name, workdir, model_dir, shared_redis.url) for name in ("a", "b")]
     try:
         for server in both:
@@ -342,7 +331,7 @@ def test_two_servers_share_through_a_three_node_cluster(
     url = done.stdout.strip().splitlines()[-1]
     servers: list[Server] = []
     try:
-        model_dir = _default_model_dir()
+        model_dir = str(default_model_dir())
         servers = [_start(name, tmp_path, model_dir, url) for name in ("c1", "c2")]
         for server in servers:
             wait_healthy(server.process, server.base_url, server.log, STARTUP_TIMEOUT_S)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_harness import VLLMDriver, default_model_dir, synthetic_prompt, vllm_available
+from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
+
+from model_dir import default_model_dir
 
 pytestmark = [
     pytest.mark.vllm,

@@ -142,13 +142,5 @@ def synthetic_prompt(length: int, seed: int) -> list[int]:
     return [100 + (seed * 7919 + i * 104729) % 40000 for i in range(length)]
 
 
-def default_model_dir() -> Path:
-    """The embedded engine's converted SmolLM2 folder (converted once, in the main venv)."""
-    from kvfactory.config import load_settings
-    from kvfactory.engines.hf import resolve_model_dir
-
-    return resolve_model_dir(load_settings())
-
-
 if __name__ == "__main__":  # pragma: no cover - manual smoke run
     print(vllm_available(), VLLM_PYTHON, file=sys.stderr)
