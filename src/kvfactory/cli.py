@@ -157,9 +157,32 @@ app.add_typer(store_app, name="store")
 register_planner_commands(app)
 register_bench_commands(app)
 register_session_commands(app, load=build_settings)
+
+
+def _open_gateway_engine(spec: Any) -> Any:
+    """A factory gateway's ``kind = "engine"`` backend (an ``inprocess.EngineSpec``): the
+    embedded engine and its store, from the backend's ``model`` and ``engine`` settings
+    (sizes may be human) over ``KVFACTORY_*`` env and defaults."""
+    from kvfactory.engines.embedded import open_embedded
+
+    overrides = dict(spec.settings)
+    if spec.model not in (None, "default"):
+        overrides["model"] = spec.model
+    try:
+        settings = build_settings(overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"backends.{spec.backend}.engine: {exc}") from exc
+    if settings.engine != "hf":
+        raise ConfigError(f"backends.{spec.backend}.engine: only the embedded hf engine runs "
+                          "in process (serve vLLM and declare it as a backend)")  # fmt: skip
+    return open_embedded(
+        settings, metrics=spec.metrics, incidents=spec.incidents, console=_stderr()
+    )
+
+
 register_tenants_commands(app)
 register_report_commands(app)
-register_gateway_commands(app)
+register_gateway_commands(app, open_engine=_open_gateway_engine)
 
 
 def _stderr() -> Console:
@@ -204,6 +227,13 @@ def serve(
         str | None,
         typer.Option(help="hf (embedded transformers) or vllm (a vllm serve subprocess)."),
     ] = None,
+    trusted_gateway_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="Env var holding the key a factory gateway signs X-KVFactory-Tenant with; "
+            "without it that header is refused."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -223,6 +253,7 @@ def serve(
             "reuse": reuse,
             "exact_prefill": exact,
             "engine": engine,
+            "trusted_gateway_key_env": trusted_gateway_key_env,
             "log_level": log_level,
         },
         config_file=config,
@@ -288,16 +319,23 @@ def run_server(settings: Settings) -> None:
 
     from kvfactory.engines.hf import resolve_model_dir
     from kvfactory.gateway import TenantResolver, create_app
+    from kvfactory.gateway.trusted import TrustedGateway, key_from_env
     from kvfactory.sessions.commands import open_session_database, redacted_url
+    from kvfactory.sessions.incident_log import open_incident_log
     from kvfactory.store.factory import open_store
-    from kvfactory.telemetry import IncidentLog, Metrics
+    from kvfactory.telemetry import Metrics
 
     console = _stderr()
     _configure_logging(settings.log_level, console)
     log = logging.getLogger("kvfactory.serve")
     metrics = Metrics()
-    incidents = IncidentLog(settings.home / "incidents.jsonl")
-    tenants = TenantResolver.from_env(settings.home)
+    incidents = open_incident_log(settings.resolved_incidents_url, settings.incidents_file)
+    if settings.resolved_incidents_url is not None:
+        log.info("incident log in %s", redacted_url(settings.resolved_incidents_url))
+    trusted = None
+    if settings.trusted_gateway_key_env:
+        trusted = TrustedGateway(key_from_env(settings.trusted_gateway_key_env))
+    tenants = TenantResolver.from_env(settings.home, trusted=trusted)
     kind = _engine_kind(settings)
     # a bad URL fails before anything loads; vLLM's connector opens its own remote tier
     remote = remote_tiers(settings, incidents) if kind.opens_store else []
@@ -354,6 +392,7 @@ def run_server(settings: Settings) -> None:
         sessions.close()
         if store is not None:
             store.close()
+        incidents.close()
 
 
 def _log_store(log: logging.Logger, settings: Settings, tiers: Sequence[Any]) -> None:

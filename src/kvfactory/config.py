@@ -63,7 +63,17 @@ class Settings(BaseModel):
         description="session database: a SQLite path/URL or postgresql:// (several gateways); "
         "default: HOME/sessions.db",
     )
+    incidents_url: str | None = Field(
+        default=None,
+        description="incident log: 'file' (HOME/incidents.jsonl), 'sessions' (a table in the "
+        "session database), or a SQLite path/URL or postgresql://; default: the session "
+        "database when it is PostgreSQL, else the file",
+    )
     log_level: str = "info"
+    trusted_gateway_key_env: str | None = Field(
+        default=None,
+        description="env var holding the key a factory gateway signs X-KVFactory-Tenant with",
+    )
     engine: str = Field(default="hf", description="what serves the model: hf | vllm")
     vllm_python: Path | None = Field(
         default=None, description="interpreter with vLLM; default: .venv-vllm/bin/python"
@@ -91,6 +101,23 @@ class Settings(BaseModel):
         if self.sessions_url is not None:
             return self.sessions_url
         return f"sqlite:///{(self.home / 'sessions.db').expanduser()}"
+
+    @property
+    def resolved_incidents_url(self) -> str | None:
+        """The database holding the incident log, or ``None`` for HOME/incidents.jsonl."""
+        chosen = self.incidents_url
+        if chosen == "file":
+            return None
+        if chosen == "sessions":
+            return self.resolved_sessions_url
+        if chosen is not None:
+            return chosen
+        sessions = self.sessions_url or ""
+        return sessions if sessions.startswith(("postgresql", "postgres:")) else None
+
+    @property
+    def incidents_file(self) -> Path:
+        return self.home / "incidents.jsonl"
 
     @property
     def models_dir(self) -> Path:

@@ -154,7 +154,7 @@ class Gateway:
         ``pin_owner`` asks the engine to pin the prompt's KV blocks for that owner."""
         label = UNKNOWN_MODEL_LABEL
         try:
-            tenant = self.tenants.resolve(request.headers.get("authorization"))
+            tenant = self.tenants.resolve_headers(request.headers)
             body.check_supported()
             engine = self.engine_for(body.model)
             label = engine.model_name

@@ -133,7 +133,7 @@ class SessionTurns:
         from kvfactory.gateway.app import collect_unless_disconnected
 
         store = self.service.store
-        tenant = self.gateway.tenants.resolve(request.headers.get("authorization"))
+        tenant = self.gateway.tenants.resolve_headers(request.headers)
         info = await asyncio.to_thread(store.get, session_id, tenant.name)
         if body.model != info.model:
             raise invalid_request(
@@ -244,7 +244,7 @@ def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionServi
     store = service.store
 
     def tenant_of(request: Request) -> str:
-        return gateway.tenants.resolve(request.headers.get("authorization")).name
+        return gateway.tenants.resolve_headers(request.headers).name
 
     async def run(function: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(function, *args, **kwargs)

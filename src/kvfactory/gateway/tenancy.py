@@ -13,9 +13,15 @@ bearer key selects the tenant and anything else is a 401. Only digests are ever 
 memory; ``hash_api_key`` is the one definition of the digest (``kvfactory tenants
 hash-key`` prints it). This module does not know quotas, routes or engines.
 
-Interface: ``TenantResolver(secret, api_keys=None, *, hashed_keys=None)``,
-``.resolve(authorization) -> Tenant``, ``.salt_for(name)``, ``.tenant(name)``,
-``.tenants`` (names with a key), ``hash_api_key(key) -> str``.
+Behind a factory gateway, ``trusted`` (a ``trusted.TrustedGateway``) lets the gateway name
+the tenant and its salt in a signed ``X-KVFactory-Tenant`` header; ``resolve_headers``
+takes that header when present (a 401 unless validly signed, never trusted on a server
+without ``trusted``) and the API key otherwise.
+
+Interface: ``TenantResolver(secret, api_keys=None, *, hashed_keys=None, trusted=None)``,
+``.resolve(authorization) -> Tenant``, ``.resolve_headers(headers) -> Tenant``,
+``.salt_for(name)``, ``.tenant(name)``, ``.tenants`` (names with a key),
+``hash_api_key(key) -> str``.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ import blake3
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.errors import APIError
+from kvfactory.gateway.trusted import TENANT_HEADER, TrustedGateway, untrusted_header
 
 DEFAULT_TENANT = "default"
 SECRET_ENV = "KVFACTORY_SERVER_SECRET"
 API_KEYS_ENV = "KVFACTORY_API_KEYS"
 SECRET_FILE = "server-secret"
 _SALT_CONTEXT = b"kvfactory/tenant-salt/v1\0"
+_TENANT_HEADER_KEY = TENANT_HEADER.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +122,12 @@ class TenantResolver:
         api_keys: Mapping[str, str] | None = None,
         *,
         hashed_keys: Mapping[str, str] | None = None,
+        trusted: TrustedGateway | None = None,
     ):
         if len(secret) != 32:
             raise ValueError("the server secret must be 32 bytes")
         self._secret = secret
+        self.trusted = trusted
         self._tenant_by_key_digest: dict[bytes, str] = {}
         pairs = [(_digest(key), tenant) for key, tenant in (api_keys or {}).items()]
         pairs += [(_parse_digest(hexdigest), t) for hexdigest, t in (hashed_keys or {}).items()]
@@ -126,9 +136,16 @@ class TenantResolver:
                 raise ConfigError(f"one API key is configured for two tenants ({tenant})")
 
     @classmethod
-    def from_env(cls, home: Path, env: Mapping[str, str] | None = None) -> TenantResolver:
+    def from_env(
+        cls,
+        home: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        trusted: TrustedGateway | None = None,
+    ) -> TenantResolver:
         env = os.environ if env is None else env
-        return cls(load_server_secret(home, env), parse_api_keys(env.get(API_KEYS_ENV, "")))
+        keys = parse_api_keys(env.get(API_KEYS_ENV, ""))
+        return cls(load_server_secret(home, env), keys, trusted=trusted)
 
     @property
     def requires_key(self) -> bool:
@@ -144,6 +161,17 @@ class TenantResolver:
 
     def tenant(self, name: str) -> Tenant:
         return Tenant(name=name, salt=self.salt_for(name))
+
+    def resolve_headers(self, headers: Mapping[str, str]) -> Tenant:
+        """The caller's tenant from request headers (lower-case names or a case-insensitive
+        mapping): a trusted gateway's signed tenant header, else the API key."""
+        signed = headers.get(_TENANT_HEADER_KEY)
+        if signed is not None:
+            if self.trusted is None:
+                raise untrusted_header()
+            name, salt = self.trusted.verify(signed)
+            return Tenant(name=name, salt=salt)
+        return self.resolve(headers.get("authorization"))
 
     def resolve(self, authorization: str | None) -> Tenant:
         """The caller's tenant; raises a 401 ``APIError`` when keys are configured and

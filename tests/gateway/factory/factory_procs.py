@@ -24,12 +24,17 @@ from kvfactory.bench.servers import free_port, running_process, stop, wait_healt
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "upstream.py"
 SRC = HERE.parents[2] / "src"
+SERVER_SECRET = "factory-test-secret"
+GATEWAY_KEY_ENV = "FACTORY_TEST_GATEWAY_KEY"
+GATEWAY_KEY = "factory-test-gateway-key-0123456789"
+"""The key gateways sign tenant headers with for ``kind = "kvfactory"`` backends."""
 
 
 def _env() -> dict[str, str]:
     return {
         **os.environ,
-        "KVFACTORY_SERVER_SECRET": "factory-test-secret",
+        "KVFACTORY_SERVER_SECRET": SERVER_SECRET,
+        GATEWAY_KEY_ENV: GATEWAY_KEY,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
     }
 
@@ -82,6 +87,13 @@ class Upstream:
     def reset(self) -> None:
         httpx.post(self.url + "/control/reset", timeout=5).raise_for_status()
 
+    def last(self, model: str) -> dict[str, Any]:
+        """The last request body and (lower-case) headers this upstream got for ``model``."""
+        found: dict[str, Any] = httpx.get(
+            self.url + "/control/last", params={"model": model}, timeout=5
+        ).json()
+        return found
+
     def requests(self, model: str) -> int:
         counts = httpx.get(self.url + "/control/stats", timeout=5).json()["requests"]
         return int(counts.get(model, 0))
@@ -120,7 +132,9 @@ class Gateway:
 
 
 @contextlib.contextmanager
-def running_gateway(tmp: Path, config_text: str) -> Iterator[Gateway]:
+def running_gateway(
+    tmp: Path, config_text: str, *, startup_timeout_s: float = 60
+) -> Iterator[Gateway]:
     config = tmp / "factory.toml"
     config.write_text(config_text, encoding="utf-8")
     port = free_port()
@@ -128,6 +142,6 @@ def running_gateway(tmp: Path, config_text: str) -> Iterator[Gateway]:
     command = [sys.executable, "-m", "kvfactory", "gateway", "--config", str(config),
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    with running_process(command, base_url=base, log=log, env=_env(), startup_timeout_s=60,
-                         stop_timeout_s=10):  # fmt: skip
+    with running_process(command, base_url=base, log=log, env=_env(),
+                         startup_timeout_s=startup_timeout_s, stop_timeout_s=30):  # fmt: skip
         yield Gateway(base, config, tmp / "incidents.jsonl", log)

@@ -18,10 +18,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from factory_procs import Gateway, Upstream, running_gateway, upstreams
+from factory_procs import (
+    GATEWAY_KEY,
+    GATEWAY_KEY_ENV,
+    SERVER_SECRET,
+    Gateway,
+    Upstream,
+    running_gateway,
+    upstreams,
+)
 from typer.testing import CliRunner
 
 from kvfactory.cli import app as cli_app
+from kvfactory.gateway.tenancy import TenantResolver, load_server_secret
+from kvfactory.gateway.trusted import TrustedGateway, gateway_key
 
 # route -> [(backend entry, upstream, extra backend settings)]
 SCENARIOS: dict[str, list[tuple[str, str, str]]] = {
@@ -39,6 +49,9 @@ SCENARIOS: dict[str, list[tuple[str, str, str]]] = {
     "rload": [("aload", "alpha", ""), ("bload", "beta", "")],
     "rall": [("aall", "alpha", ""), ("ball", "beta", "")],
     "rall429": [("a4", "alpha", ""), ("b4", "beta", "")],
+    "rsalt_v": [("vsalt", "alpha", 'kind = "vllm"')],
+    "rsalt_o": [("osalt", "alpha", 'kind = "openai"')],
+    "rsalt_k": [("ksalt", "alpha", f'kind = "kvfactory"\ngateway_key_env = "{GATEWAY_KEY_ENV}"')],
 }
 ROUTE_EXTRAS = {
     "raff": 'strategy = "kv_affinity"',
@@ -363,7 +376,52 @@ def test_mid_stream_failure_ends_with_an_error_event_then_done(
         ):
             pieces.extend(c.delta.content or "" for c in chunk.choices)
     assert "".join(pieces) == "alpha heard"
-    assert gateway.incidents_of("engine_error", backend="amid")
+    broken = [
+        i["details"]
+        for i in gateway.incidents_of("backend_down", backend="amid")
+        if i["details"].get("mid_stream")
+    ]
+    assert broken and all(d["tokens_sent"] == 2 for d in broken)  # "alpha", " heard"
+    assert broken[-1]["failure"]["backend"] == "amid"
+    assert not gateway.incidents_of("engine_error", backend="amid")
+
+
+# -- tenant isolation ------------------------------------------------------------------------
+
+
+SPOOFED = {"X-KVFactory-Tenant": "tenant=evil;salt=00;t=0;sig=00"}
+
+
+def _default_salt() -> bytes:
+    secret = load_server_secret(Path("/nonexistent"), {"KVFACTORY_SERVER_SECRET": SERVER_SECRET})
+    return TenantResolver(secret).salt_for("default")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_backend_kind_gets_the_gateways_salt_never_the_clients(
+    stream: bool, client: openai.OpenAI, ups: dict[str, Upstream]
+) -> None:
+    for route in ("rsalt_v", "rsalt_o", "rsalt_k"):
+        if stream:
+            text, _ = stream_text(client, route, "a b c", extra_body={"cache_salt": "mine"},
+                                  extra_headers=SPOOFED)  # fmt: skip
+        else:
+            text, _, _ = chat(client, route, "a b c", extra_body={"cache_salt": "mine"},
+                              extra_headers=SPOOFED)  # fmt: skip
+        assert text == "alpha heard a b c"
+    salt = _default_salt()
+    vllm = ups["alpha"].last(upstream_model("rsalt_v"))
+    assert vllm["body"]["cache_salt"] == salt.hex()  # vLLM's own per-request isolation
+    assert bool(vllm["body"].get("stream")) is stream
+    hosted = ups["alpha"].last(upstream_model("rsalt_o"))
+    assert "cache_salt" not in hosted["body"]  # a second source never sees a salt
+    kvf = ups["alpha"].last(upstream_model("rsalt_k"))
+    assert "cache_salt" not in kvf["body"]
+    signed = kvf["headers"]["x-kvfactory-tenant"]
+    verifier = TrustedGateway(gateway_key(GATEWAY_KEY))
+    assert verifier.verify(signed) == ("default", salt)
+    for seen in (vllm, hosted):  # client headers are never forwarded
+        assert "x-kvfactory-tenant" not in seen["headers"]
 
 
 # -- degradation ---------------------------------------------------------------------------------

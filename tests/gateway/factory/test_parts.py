@@ -1,6 +1,7 @@
 """The factory gateway's parts on their own: config errors, the circuit breaker's state
-machine on a controlled clock, SSE framing, prefix digests, and strategy orderings over
-real ``Backend`` objects (their pooled clients are never used here)."""
+machine on a controlled clock, SSE framing, prefix digests, the signed tenant header and
+each backend kind's isolation, and strategy orderings over real ``Backend`` objects (their
+pooled clients are never used here)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import Any
 import pytest
 
 from kvfactory.errors import ConfigError
+from kvfactory.gateway.errors import APIError
 from kvfactory.gateway.factory.affinity import PrefixIndex, prefix_digests
 from kvfactory.gateway.factory.backends import Backends
-from kvfactory.gateway.factory.config import load_config, parse_config
+from kvfactory.gateway.factory.config import BackendConfig, load_config, parse_config
 from kvfactory.gateway.factory.health import CircuitBreaker, CircuitState
+from kvfactory.gateway.factory.isolation import isolation_for
 from kvfactory.gateway.factory.relay import EventSplitter, Rewrite, inspect
 from kvfactory.gateway.factory.routing import STRATEGIES, Router, RouteRequest, RoutingState
+from kvfactory.gateway.tenancy import TenantResolver
+from kvfactory.gateway.trusted import MAX_SKEW_S, TrustedGateway, gateway_key
 
 
 class Clock:
@@ -58,6 +63,26 @@ def config(**backends: dict[str, Any]) -> Any:
             {"backends": {"a": {"url": "http://x"}}, "tenants": {"t": {"key": "plain"}}},
             "API keys are stored hashed",
         ),
+        ({"backends": {"a": {"kind": "vllm"}}}, "backends.a: url is required"),
+        (
+            {"backends": {"a": {"kind": "engine", "url": "http://x"}}},
+            'backends.a: kind = "engine" runs in this process: remove url',
+        ),
+        (
+            {"backends": {"a": {"url": "http://x", "model": "default"}}},
+            'backends.a: model and engine are settings of kind = "engine" only',
+        ),
+        (
+            {"backends": {"a": {"url": "http://x", "gateway_key_env": "K"}}},
+            'backends.a: gateway_key_env is for kind = "kvfactory" backends only',
+        ),
+        (
+            {
+                "backends": {"a": {"url": "http://x", "kind": "kvfactory"}},
+                "tenants": {"t": {"key_sha256": "0" * 64}},
+            },
+            "backends.a.gateway_key_env: required with [tenants]",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(data: dict[str, Any], message: str) -> None:
@@ -82,6 +107,73 @@ def test_config_file_paths_and_implicit_routes(tmp_path: Path) -> None:
     path.write_text("[backends\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(path)
+
+
+def test_engine_backends_resolve_paths_and_need_an_opener(tmp_path: Path) -> None:
+    loaded = parse_config(
+        {"backends": {"e": {"kind": "engine", "model": "models/smol",
+                            "engine": {"store_dir": "store", "chunk_tokens": 256},
+                            "models": {"m": "smol"}}}},
+        base_dir=tmp_path,
+    )  # fmt: skip
+    engine = loaded.backends["e"]
+    assert engine.model == str(tmp_path / "models/smol")
+    assert engine.engine == {"store_dir": str(tmp_path / "store"), "chunk_tokens": 256}
+    assert engine.api_root.startswith("http://")  # clients need a URL; no socket behind it
+    with pytest.raises(ConfigError, match=r'backends\.e: kind = "engine" needs the embedded'):
+        Backends.from_config(loaded, clock=Clock(), env={})
+    assert "e" not in Backends.from_config(loaded, clock=Clock(), env={}, skip_engines=True)
+
+
+def test_trusted_gateway_header_round_trip_and_refusals() -> None:
+    now = [1_000_000.0]
+    key = gateway_key("a-long-enough-shared-key")
+    signer = TrustedGateway(key, clock=lambda: now[0])
+    salt = bytes(range(32))
+    header = signer.header("team a;=/é", salt)
+    assert signer.verify(header) == ("team a;=/é", salt)
+    other = TrustedGateway(gateway_key("another-long-enough-key"), clock=lambda: now[0])
+    with pytest.raises(APIError, match="bad signature") as caught:
+        other.verify(header)
+    assert caught.value.status_code == 401
+    tampered = header.replace("salt=00", "salt=01")
+    with pytest.raises(APIError, match="bad signature"):
+        signer.verify(tampered)
+    with pytest.raises(APIError, match="malformed"):
+        signer.verify("tenant=a;salt=00")
+    now[0] += MAX_SKEW_S + 1
+    with pytest.raises(APIError, match="expired"):
+        signer.verify(header)
+    with pytest.raises(ConfigError, match="at least 16"):
+        gateway_key("short")
+
+
+def test_a_resolver_without_a_trusted_gateway_refuses_the_header() -> None:
+    signer = TrustedGateway(gateway_key("a-long-enough-shared-key"))
+    header = signer.header("team-a", b"\x01" * 32)
+    plain = TenantResolver(b"s" * 32)
+    with pytest.raises(APIError, match="trusts no gateway"):
+        plain.resolve_headers({"x-kvfactory-tenant": header})
+    trusting = TenantResolver(b"s" * 32, trusted=signer)
+    tenant = trusting.resolve_headers({"x-kvfactory-tenant": header})
+    assert (tenant.name, tenant.salt) == ("team-a", b"\x01" * 32)
+    assert trusting.resolve_headers({}).salt == trusting.salt_for("default")
+
+
+def test_isolation_per_backend_kind() -> None:
+    env = {"GW_KEY": "a-long-enough-shared-key"}
+    salt = b"\xab" * 32
+    vllm = isolation_for(BackendConfig(url="http://x", kind="vllm"), env)
+    assert vllm.cache_salt(salt) == salt.hex() and vllm.headers("t", salt) is None
+    hosted = isolation_for(BackendConfig(url="http://x"), env)
+    assert hosted.cache_salt(salt) is None and hosted.headers("t", salt) is None
+    kvf = BackendConfig(url="http://x", kind="kvfactory", gateway_key_env="GW_KEY")
+    headers = isolation_for(kvf, env).headers("t", salt)
+    assert headers is not None
+    verifier = TrustedGateway(gateway_key(env["GW_KEY"]))
+    assert verifier.verify(headers["X-KVFactory-Tenant"]) == ("t", salt)
+    with pytest.raises(ConfigError, match="GW_KEY"):
+        Backends.from_config(config(a=kvf.model_dump()), clock=Clock(), env={})
 
 
 def test_a_missing_api_key_variable_is_a_config_error() -> None:

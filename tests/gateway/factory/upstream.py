@@ -14,7 +14,9 @@ Faults are set per upstream model (or ``"*"``) through ``POST /control``::
      "fail_next": 0, "retry_after": 3, "after_words": 2}
 
 ``fail_next > 0`` applies the mode to that many requests only, then behaves. ``GET
-/control/stats`` counts requests per model; ``POST /control/reset`` clears everything.
+/control/stats`` counts requests per model; ``GET /control/last?model=m`` returns the last
+request body and headers received for that model; ``POST /control/reset`` clears
+everything.
 Killing the process is the test's job (a real SIGKILL).
 """
 
@@ -41,6 +43,7 @@ class State:
         self.faults: dict[str, dict[str, Any]] = {}
         self.requests: Counter[str] = Counter()
         self.seen_chunks: set[str] = set()
+        self.last: dict[str, dict[str, Any]] = {}
 
     def fault(self, model: str) -> dict[str, Any]:
         fault = self.faults.get(model) or self.faults.get("*") or {}
@@ -84,6 +87,7 @@ def create_app(state: State) -> FastAPI:
         body = await request.json()
         model = str(body.get("model"))
         state.requests[model] += 1
+        state.last[model] = {"body": body, "headers": dict(request.headers)}
         fault = state.fault(model)
         mode = fault.get("mode", "ok")
         if mode == "hang":
@@ -189,7 +193,12 @@ def create_app(state: State) -> FastAPI:
         state.faults.clear()
         state.requests.clear()
         state.seen_chunks.clear()
+        state.last.clear()
         return {"ok": True}
+
+    @app.get("/control/last")
+    async def last(model: str) -> dict[str, Any]:
+        return state.last.get(model, {})
 
     @app.get("/control/stats")
     async def stats() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``create_factory_app(config)`` serves ``/v1/chat/completions`` and ``/v1/completions``
 (streaming relayed as it arrives; see ``service``), ``/v1/models`` (the routes' public
 names), ``/v1/incidents?kind=&limit=``, ``/v1/backends``, ``/healthz`` and ``/metrics``,
-with errors in OpenAI's shape. It is a plain Starlette app (no dependency injection or
+with errors in OpenAI's shape. Backends may be in-process engines (``inprocess``), started
+by its lifespan. It is a plain Starlette app (no dependency injection or
 response models anywhere); POSTs to the two generation paths are answered by
 ``hotpath.HotPath`` before routing. Its lifespan runs the canaries and closes the clients
 and the ledger. This module does not decide where requests go.
@@ -20,6 +21,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -33,6 +35,7 @@ from kvfactory.gateway.factory.config import FactoryConfig
 from kvfactory.gateway.factory.dispatch import FinishSink
 from kvfactory.gateway.factory.health import Clock
 from kvfactory.gateway.factory.hotpath import HotPath
+from kvfactory.gateway.factory.inprocess import EngineOpener
 from kvfactory.gateway.factory.ledger import LedgerSink
 from kvfactory.gateway.factory.service import (
     CHAT,
@@ -53,6 +56,16 @@ def _query_int(request: Request, name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise invalid_request(f"{name} must be an integer, got {raw!r}.", param=name) from None
+
+
+def _query_float(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise invalid_request(f"{name} must be a number, got {raw!r}.", param=name) from None
 
 
 def _routes(factory: Factory) -> list[Route]:
@@ -87,7 +100,14 @@ def _routes(factory: Factory) -> list[Route]:
 
     async def incidents(request: Request) -> Response:
         kind = request.query_params.get("kind") or None
-        return JSONResponse(factory.incidents_body(kind, _query_int(request, "limit", 100)))
+        body = await run_in_threadpool(
+            factory.incidents_body,
+            kind,
+            _query_int(request, "limit", 100),
+            tenant=request.query_params.get("tenant") or None,
+            since=_query_float(request, "since"),
+        )
+        return JSONResponse(body)
 
     async def backends(_request: Request) -> Response:
         return JSONResponse({name: b.snapshot() for name, b in factory.backends.items()})
@@ -139,14 +159,24 @@ def create_factory_app(
     clock: Clock | None = None,
     env: Mapping[str, str] | None = None,
     sinks: tuple[FinishSink, ...] = (),
+    open_engine: EngineOpener | None = None,
 ) -> Starlette:
     """The gateway app for ``config``; its lifespan runs the canaries and closes clients.
 
     Tenants, keys and limits come from the config's ``[tenants.*]`` tables; ``secret`` (the
     server secret that derives every tenant's KV isolation salt) defaults to a random one,
-    so pass ``tenancy.load_server_secret(home)`` for salts that survive restarts."""
+    so pass ``tenancy.load_server_secret(home)`` for salts that survive restarts.
+    ``open_engine`` builds ``kind = "engine"`` backends (their weights load here); their
+    engines start with the lifespan, before the canaries."""
     clock = clock if clock is not None else time.monotonic
-    incidents = incidents if incidents is not None else IncidentLog(config.gateway.incidents)
+    owned = None
+    if incidents is None and config.gateway.incidents_url is not None:
+        # SQLAlchemy (the postgres extra) is needed only for a database incident log
+        from kvfactory.sessions.incident_log import open_incident_table
+
+        owned = incidents = IncidentLog(sink=open_incident_table(config.gateway.incidents_url))
+    elif incidents is None:
+        incidents = IncidentLog(config.gateway.incidents)
     metrics = metrics if metrics is not None else Metrics()
     ledger = UsageLedger(metrics.registry, config.gateway.ledger)
     tenancy = config.tenancy()
@@ -159,6 +189,7 @@ def create_factory_app(
         clock=clock,
         env=env,
         sinks=sinks,
+        open_engine=open_engine,
     )
     ledger_sink = LedgerSink(ledger, factory.backends)
     factory.dispatcher.sinks.append(ledger_sink)
@@ -166,9 +197,12 @@ def create_factory_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            if owned is not None:
+                stack.callback(owned.close)
             stack.callback(ledger.close)
             stack.callback(ledger_sink.close)  # runs first: drains into the open ledger
             stack.push_async_callback(factory.aclose)
+            await factory.backends.start()  # in-process engines
             if config.canary.enabled and config.canary.prompts:
                 await stack.enter_async_context(factory.canary.running())
             # Everything built so far lives as long as the process: keep it out of the

@@ -3,9 +3,12 @@
 A ``Backend`` is an OpenAI-compatible upstream (kvfactory, vLLM or a hosted API) with its
 own ``httpx.AsyncClient`` (canaries, and client requests when ``client = "httpx"``) and its
 own hot-path ``Transport`` (``fasthttp.FastPool`` by default), so connections are reused and
-one slow upstream cannot exhaust another's pool. It counts requests and prompt tokens in flight (the load
-the router sees) and carries a ``Health``. ``Backends`` is the set built from the config.
-This module does not decide where a request goes or what a failure means.
+one slow upstream cannot exhaust another's pool. An in-process engine backend (``kind =
+"engine"``, ``inprocess``) has the same two faces over its ASGI transport. Each backend
+counts requests and prompt tokens in flight (the load the router sees), carries a
+``Health`` and its ``Isolation`` (how it learns the tenant's salt). ``Backends`` is the set
+built from the config. This module does not decide where a request goes or what a failure
+means.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from kvfactory.errors import ConfigError
 from kvfactory.gateway.factory.config import BackendConfig, FactoryConfig
 from kvfactory.gateway.factory.fasthttp import FastPool
 from kvfactory.gateway.factory.health import CircuitBreaker, Clock, Health
+from kvfactory.gateway.factory.inprocess import EngineOpener, InProcessEngine
+from kvfactory.gateway.factory.isolation import Isolation, isolation_for
 from kvfactory.gateway.factory.transport import HttpxTransport, Transport
+from kvfactory.telemetry.incidents import IncidentLog
+from kvfactory.telemetry.metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -41,9 +48,20 @@ class Backend:
         clock: Clock,
         env: Mapping[str, str],
         transport: httpx.AsyncBaseTransport | None = None,
+        host: InProcessEngine | None = None,
     ):
         self.name = name
         self.config = config
+        self.host = host
+        self.isolation: Isolation
+        if host is not None:
+            transport = host.transport
+            self.isolation = host.isolation
+        else:
+            try:
+                self.isolation = isolation_for(config, env)
+            except ConfigError as exc:
+                raise ConfigError(f"backends.{name}.gateway_key_env: {exc}") from exc
         self.health = Health(
             CircuitBreaker(config.failure_threshold, config.cooldown_s, clock=clock)
         )
@@ -70,7 +88,7 @@ class Backend:
         )
         self.transport: Transport = (
             HttpxTransport(self.client)
-            if config.client == "httpx"
+            if config.client == "httpx" or host is not None
             else FastPool(
                 config.api_root,
                 headers=headers,
@@ -98,11 +116,21 @@ class Backend:
             "in_flight": self.load.requests,
             "in_flight_tokens": self.load.tokens,
             **self.health.snapshot(),
+            **(self.host.snapshot() if self.host is not None else {}),
         }
 
+    async def start(self) -> None:
+        """Start what runs in this process (an in-process engine); HTTP backends: nothing."""
+        if self.host is not None:
+            await self.host.start()
+
     async def aclose(self) -> None:
-        await self.transport.aclose()
-        await self.client.aclose()
+        try:
+            await self.transport.aclose()
+            await self.client.aclose()
+        finally:
+            if self.host is not None:
+                await self.host.aclose()
 
 
 class Backends(Mapping[str, Backend]):
@@ -118,14 +146,44 @@ class Backends(Mapping[str, Backend]):
         *,
         clock: Clock,
         env: Mapping[str, str] | None = None,
+        open_engine: EngineOpener | None = None,
+        metrics: Metrics | None = None,
+        incidents: IncidentLog | None = None,
+        skip_engines: bool = False,
     ) -> Backends:
+        """The backends of ``config``; ``kind = "engine"`` ones are opened with
+        ``open_engine`` (weights load here), or left out with ``skip_engines``."""
         source = os.environ if env is None else env
-        return cls(
-            {
-                name: Backend(name, backend, clock=clock, env=source)
-                for name, backend in config.backends.items()
-            }
-        )
+        built: dict[str, Backend] = {}
+        try:
+            for name, backend in config.backends.items():
+                host = None
+                if backend.kind == "engine":
+                    if skip_engines:
+                        continue
+                    host = InProcessEngine.open(
+                        name,
+                        backend,
+                        open_engine,
+                        metrics=metrics if metrics is not None else Metrics(),
+                        incidents=incidents if incidents is not None else IncidentLog(None),
+                    )
+                try:
+                    built[name] = Backend(name, backend, clock=clock, env=source, host=host)
+                except BaseException:
+                    if host is not None:
+                        host.hosted.close()
+                    raise
+        except BaseException:
+            for opened in built.values():
+                if opened.host is not None:
+                    opened.host.hosted.close()
+            raise
+        return cls(built)
+
+    async def start(self) -> None:
+        for backend in self._by_name.values():
+            await backend.start()
 
     def __getitem__(self, name: str) -> Backend:
         return self._by_name[name]

@@ -3,7 +3,8 @@
 ``register(app)`` adds the commands to the CLI. ``kvfactory gateway --config factory.toml``
 serves the factory gateway under uvicorn (uvloop and httptools when installed);
 ``kvfactory gateway canary --config factory.toml [--record]`` runs one canary round and
-prints it (``--record`` replaces every baseline). ``kvfactory incidents`` shows the incident
+prints it (``--record`` replaces every baseline; in-process engine backends are left to
+the running gateway's own canaries). ``kvfactory incidents`` shows the incident
 log from a JSONL file or a running gateway's ``/v1/incidents`` as a table. Bad input is a
 ``ConfigError``: one line on the CLI, exit code 2.
 """
@@ -14,7 +15,7 @@ import asyncio
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
@@ -29,6 +30,9 @@ from kvfactory.gateway.factory.canary import Canary, Check, Verdict
 from kvfactory.gateway.factory.config import FactoryConfig, load_config
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 
+if TYPE_CHECKING:
+    from kvfactory.gateway.factory.inprocess import EngineOpener
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="The factory TOML file.")]
 
 
@@ -39,7 +43,12 @@ def _require(config: Path | None) -> FactoryConfig:
 
 
 def run_gateway(
-    config: FactoryConfig, *, host: str | None, port: int | None, log_level: str | None
+    config: FactoryConfig,
+    *,
+    host: str | None,
+    port: int | None,
+    log_level: str | None,
+    open_engine: EngineOpener | None = None,
 ) -> None:
     import uvicorn
 
@@ -47,7 +56,9 @@ def run_gateway(
     from kvfactory.gateway.tenancy import load_server_secret
 
     settings = config.gateway
-    app = create_factory_app(config, secret=load_server_secret(load_settings({}).home))
+    app = create_factory_app(
+        config, secret=load_server_secret(load_settings({}).home), open_engine=open_engine
+    )
     Console(stderr=True).print(
         f"kvfactory gateway: {len(config.backends)} backends, routes "
         f"{', '.join(config.resolved_routes())} at http://{host or settings.host}:"
@@ -70,7 +81,9 @@ def run_gateway(
 async def _canary_round(config: FactoryConfig, record: bool) -> list[Check]:
     import time
 
-    backends = Backends.from_config(config, clock=time.monotonic)
+    # In-process engines belong to the running gateway (its store directory included):
+    # its own canaries check them.
+    backends = Backends.from_config(config, clock=time.monotonic, skip_engines=True)
     try:
         incidents = IncidentLog(config.gateway.incidents)
         canary = Canary(config.canary, backends, config.resolved_routes(), incidents)
@@ -147,7 +160,9 @@ def _incident_table(items: list[dict[str, Any]]) -> Table:
     return table
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, *, open_engine: EngineOpener | None = None) -> None:
+    """Add the commands; ``open_engine`` builds ``kind = "engine"`` backends (the CLI's
+    embedded-engine builder: this layer cannot import the engine itself)."""
     gateway_app = typer.Typer(
         help="The factory gateway: one OpenAI-compatible front over many backends.",
         invoke_without_command=True,
@@ -164,7 +179,13 @@ def register(app: typer.Typer) -> None:
         """Serve the gateway for --config (or run a subcommand)."""
         ctx.obj = config
         if ctx.invoked_subcommand is None:
-            run_gateway(_require(config), host=host, port=port, log_level=log_level)
+            run_gateway(
+                _require(config),
+                host=host,
+                port=port,
+                log_level=log_level,
+                open_engine=open_engine,
+            )
 
     @gateway_app.command("canary")
     def canary(

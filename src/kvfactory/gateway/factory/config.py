@@ -3,8 +3,12 @@
 ``load_config(path)`` parses ``factory.toml`` into a frozen ``FactoryConfig`` or raises a
 ``ConfigError`` with one line naming the offending key (``backends.cloud.price.input:
 Input should be greater than or equal to 0``). Relative file paths are resolved against the
-config file's folder. ``[tenants.*]``, ``[admission]`` and ``[priority.*]`` are kept raw and
-validated by ``gateway.tenant_config``, which owns their schema. This module knows nothing about HTTP, routing decisions or clocks.
+config file's folder (an engine backend's ``model`` folder and store paths too; its
+``engine`` table is kept raw for whoever builds the engine). With ``[tenants]`` every
+``kind = "kvfactory"`` backend needs ``gateway_key_env``, so each tenant's salt reaches it.
+``[tenants.*]``, ``[admission]`` and ``[priority.*]`` are kept raw and validated by
+``gateway.tenant_config``, which owns their schema. This module knows nothing about HTTP,
+routing decisions or clocks.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.tenant_config import TenancyConfig, parse_tenancy
 
-BackendKind = Literal["kvfactory", "vllm", "openai"]
+BackendKind = Literal["kvfactory", "vllm", "openai", "engine"]
+IN_PROCESS_ROOT = "http://in-process/v1"
+"""The API root an in-process engine backend's clients use (no socket behind it)."""
 DEFAULT_STRATEGY = "balanced"
 
 
@@ -40,11 +46,26 @@ class PriceConfig(_Frozen):
 
 
 class BackendConfig(_Frozen):
-    """One upstream: a kvfactory or vLLM server, or any OpenAI-compatible API."""
+    """One upstream: a kvfactory or vLLM server, any OpenAI-compatible API, or the embedded
+    engine inside the gateway process (``kind = "engine"``, no ``url``)."""
 
-    url: str = Field(pattern=r"^https?://", description="the API root, e.g. http://h:8000/v1")
+    url: str | None = Field(
+        default=None, pattern=r"^https?://", description="the API root, e.g. http://h:8000/v1"
+    )
     kind: BackendKind = "openai"
     api_key_env: str | None = Field(default=None, description="env var holding the bearer key")
+    gateway_key_env: str | None = Field(
+        default=None,
+        description="kind kvfactory: env var with the key the backend trusts "
+        "(kvfactory serve --trusted-gateway-key-env) to sign tenant and salt",
+    )
+    model: str | None = Field(
+        default=None, description='kind engine: "default" (embedded SmolLM2) or an HF folder'
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kind engine: kvfactory settings (store_dir, memory_bytes, chunk_tokens, ...)",
+    )
     models: dict[str, str] = Field(
         default_factory=dict, description="public model name -> the upstream's model name"
     )
@@ -60,8 +81,23 @@ class BackendConfig(_Frozen):
     failure_threshold: int = Field(default=3, ge=1, description="failures that open the circuit")
     cooldown_s: float = Field(default=10.0, gt=0, description="open -> half-open after this")
 
+    @model_validator(mode="after")
+    def _check_kind(self) -> BackendConfig:
+        if self.kind == "engine":
+            if self.url is not None:
+                raise ValueError('kind = "engine" runs in this process: remove url')
+        elif self.url is None:
+            raise ValueError('url is required (only kind = "engine" has none)')
+        elif self.model is not None or self.engine:
+            raise ValueError('model and engine are settings of kind = "engine" only')
+        if self.gateway_key_env is not None and self.kind != "kvfactory":
+            raise ValueError('gateway_key_env is for kind = "kvfactory" backends only')
+        return self
+
     @property
     def api_root(self) -> str:
+        if self.url is None:
+            return IN_PROCESS_ROOT
         root = self.url.rstrip("/")
         return root if root.endswith("/v1") else root + "/v1"
 
@@ -107,6 +143,11 @@ class GatewaySettings(_Frozen):
     port: int = Field(default=8080, ge=0, le=65535)
     strategy: str = DEFAULT_STRATEGY
     incidents: Path = Path("incidents.jsonl")
+    incidents_url: str | None = Field(
+        default=None,
+        description="an append-only incident table in this database (postgresql:// or a "
+        "SQLite path/URL) instead of the incidents JSONL file",
+    )
     ledger: Path = Path("usage.jsonl")
     affinity_chunk_chars: int = Field(default=1024, ge=16, description="text per prefix chunk")
     affinity_entries: int = Field(default=100_000, ge=1, description="remembered chunk hashes")
@@ -144,6 +185,13 @@ class FactoryConfig(_Frozen):
                     )
             if len(set(route.backends)) != len(route.backends):
                 raise ValueError(f"routes.{public}: a backend is listed twice")
+        if self.tenants:
+            for name, backend in self.backends.items():
+                if backend.kind == "kvfactory" and backend.gateway_key_env is None:
+                    raise ValueError(
+                        f"backends.{name}.gateway_key_env: required with [tenants]: a "
+                        "kvfactory backend must be told each tenant's isolation salt"
+                    )
         return self
 
     def resolved_routes(self) -> dict[str, RouteConfig]:
@@ -164,6 +212,20 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "config"
 
 
+def _resolve_engine_paths(backend: BackendConfig, base_dir: Path) -> BackendConfig:
+    """An engine backend's model folder and store paths, relative to the config file."""
+    if backend.kind != "engine":
+        return backend
+    settings = dict(backend.engine)
+    for key in ("store_dir", "home"):
+        if isinstance(settings.get(key), str):
+            settings[key] = str(base_dir / Path(settings[key]).expanduser())
+    model = backend.model
+    if model is not None and model != "default":
+        model = str(base_dir / Path(model).expanduser())
+    return backend.model_copy(update={"engine": settings, "model": model})
+
+
 def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> FactoryConfig:
     """Validate a parsed TOML document; paths become absolute under ``base_dir``."""
     try:
@@ -173,10 +235,17 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> FactoryConfig:
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{_where(tuple(first['loc']))}: {message}") from exc
     paths = {"incidents": config.gateway.incidents, "ledger": config.gateway.ledger}
-    gateway = config.gateway.model_copy(update={k: base_dir / v for k, v in paths.items()})
+    updates: dict[str, Any] = {k: base_dir / v for k, v in paths.items()}
+    incidents_url = config.gateway.incidents_url
+    if incidents_url is not None and "://" not in incidents_url:  # a SQLite file
+        updates["incidents_url"] = str(base_dir / Path(incidents_url).expanduser())
+    gateway = config.gateway.model_copy(update=updates)
     canary = config.canary.model_copy(update={"baselines": base_dir / config.canary.baselines})
+    backends = {
+        name: _resolve_engine_paths(backend, base_dir) for name, backend in config.backends.items()
+    }
     config.tenancy()  # tenant, key and priority mistakes fail at load time, not per request
-    return config.model_copy(update={"gateway": gateway, "canary": canary})
+    return config.model_copy(update={"gateway": gateway, "canary": canary, "backends": backends})
 
 
 def load_config(path: Path) -> FactoryConfig:
@@ -192,6 +261,7 @@ def load_config(path: Path) -> FactoryConfig:
 
 __all__ = [
     "DEFAULT_STRATEGY",
+    "IN_PROCESS_ROOT",
     "BackendConfig",
     "BackendKind",
     "CanaryConfig",

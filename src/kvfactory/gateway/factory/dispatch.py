@@ -8,7 +8,11 @@ committed, a stream is relayed event by event and a failure ends it with an expl
 event and ``[DONE]``. When the chain is exhausted and the route configures a degradation
 (other backends, a max_tokens cap), those are tried and the result is marked degraded.
 Every request that fell back leaves one ``fallback`` incident; a circuit that opens leaves
-one ``backend_down``. Finished requests are reported to ``FinishSink`` callbacks (metrics,
+one ``backend_down``, and so does a stream that fails after output began (details
+``mid_stream: true`` and ``tokens_sent``, the output events relayed before it broke).
+Each attempt carries the tenant's isolation the way its backend takes it (``isolation``):
+a client's ``cache_salt`` never leaves, vLLM gets the gateway's, kvfactory backends a
+signed header. Finished requests are reported to ``FinishSink`` callbacks (metrics,
 economics). This module does not parse client requests or know HTTP routes.
 """
 
@@ -26,6 +30,7 @@ import httpx
 from kvfactory.gateway.factory.backends import Backend, Backends
 from kvfactory.gateway.factory.config import DEFAULT_STRATEGY, RouteConfig
 from kvfactory.gateway.factory.failures import Failed, Failure, classify_exception, exhausted
+from kvfactory.gateway.factory.isolation import CACHE_SALT_FIELD
 from kvfactory.gateway.factory.relay import (
     EventInfo,
     EventSplitter,
@@ -53,6 +58,8 @@ class Call:
     request_id: str
     tenant: str
     route: RouteRequest
+    tenant_salt: bytes = b""
+    """Derived by the gateway for ``tenant``; never the client's."""
     arrived: float = field(default_factory=time.perf_counter)
     on_finish: FinishSink | None = None
     """Called once with the request's accounting (admission settles its ticket here)."""
@@ -202,9 +209,19 @@ class Dispatcher:
     def _encode(self, backend: Backend, call: Call, cap: int | None) -> tuple[bytes, Rewrite]:
         upstream = backend.upstream_model(call.model)
         body: dict[str, Any] | None = None
-        if upstream != call.model or cap is not None or (call.stream and not call.include_usage):
+        salt = backend.isolation.cache_salt(call.tenant_salt)
+        if (
+            upstream != call.model
+            or cap is not None
+            or (call.stream and not call.include_usage)
+            or salt is not None
+            or CACHE_SALT_FIELD in call.body
+        ):
             body = dict(call.body)
             body["model"] = upstream
+            body.pop(CACHE_SALT_FIELD, None)  # a client's salt never leaves the gateway
+            if salt is not None:
+                body[CACHE_SALT_FIELD] = salt
             if cap is not None:
                 _cap_max_tokens(body, call.path, cap)
             if call.stream and not call.include_usage:  # usage is needed for accounting
@@ -223,7 +240,10 @@ class Dispatcher:
         backend.begin(tokens)
         try:
             try:
-                response = await backend.transport.send(call.path, content, stream=call.stream)
+                headers = backend.isolation.headers(call.tenant, call.tenant_salt)
+                response = await backend.transport.send(
+                    call.path, content, stream=call.stream, headers=headers
+                )
             except httpx.HTTPError as exc:
                 raise Failed(classify_exception(backend, exc)) from exc
             if not call.stream or response.status_code != 200:
@@ -335,7 +355,7 @@ class Dispatcher:
                     raise Failed(classify_exception(backend, exc)) from exc
                 pending = [(event, inspect(event)) for event in splitter.feed(data)]
         except Failed as failed:
-            self._on_failure(backend, failed.failure, call, mid_stream=True)
+            self._on_failure(backend, failed.failure, call, mid_stream=outputs)
             account(ok=False)
             if failed.failure.reason != "upstream_error":
                 yield sse_bytes(failed.failure.client_error(call.model).body())
@@ -348,8 +368,10 @@ class Dispatcher:
         backend.health.breaker.record_success()
 
     def _on_failure(
-        self, backend: Backend, failure: Failure, call: Call, *, mid_stream: bool = False
+        self, backend: Backend, failure: Failure, call: Call, *, mid_stream: int | None = None
     ) -> None:
+        """Count ``failure`` against the backend; ``mid_stream``: the output events already
+        relayed when a committed stream broke (that is a ``backend_down`` incident too)."""
         breaker = backend.health.breaker
         if not failure.counts_against_backend:
             breaker.release()
@@ -367,12 +389,19 @@ class Dispatcher:
                     backend=backend.name,
                 )
             )
-        if mid_stream:
+        if mid_stream is not None:
             self.incidents.record(
                 Incident(
-                    kind=IncidentKind.ENGINE_ERROR,
-                    message=f"stream from backend '{backend.name}' failed after output began",
-                    details={"failure": failure.brief},
+                    kind=IncidentKind.BACKEND_DOWN,
+                    message=(
+                        f"stream from backend '{backend.name}' failed after {mid_stream} "
+                        "output events; the client got an error event"
+                    ),
+                    details={
+                        "mid_stream": True,
+                        "tokens_sent": mid_stream,
+                        "failure": failure.brief,
+                    },
                     request_id=call.request_id,
                     tenant=call.tenant,
                     backend=backend.name,

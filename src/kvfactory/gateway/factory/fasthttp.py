@@ -274,16 +274,26 @@ class FastPool:
         return None
 
     async def send(
-        self, path: str, content: bytes, *, stream: bool, timeout: float | None = None
+        self,
+        path: str,
+        content: bytes,
+        *,
+        stream: bool,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> FastResponse | BufferedResponse:
-        """POST ``content`` (JSON) to ``path`` under the API root."""
+        """POST ``content`` (JSON) to ``path`` under the API root; ``headers`` are sent
+        after the fixed ones."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         await self._slots.acquire()
         head = (
             f"POST {self.base_path}{path} HTTP/1.1\r\nContent-Length: {len(content)}\r\n"
         ).encode("latin-1")
-        request = head + self._fixed + b"\r\n" + content
+        extra = b""
+        if headers:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+        request = head + self._fixed + extra + b"\r\n" + content
         read_timeout = self.timeout_s if timeout is None else timeout
         response: FastResponse | None = None  # once set, it owns the slot
         try:

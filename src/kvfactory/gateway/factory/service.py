@@ -4,7 +4,8 @@
 admission, tenants, incidents, metrics, canaries) and serves one generation request:
 the body is validated with the engine server's own schemas (types only: knobs such as
 ``logprobs`` or ``tools`` pass through to backends that support them), the tenant resolved
-from the API key, the request admitted (quota, priority) and handed to the ``Dispatcher``;
+from the API key (its isolation salt derived here; a client's ``cache_salt`` is never
+forwarded), the request admitted (quota, priority) and handed to the ``Dispatcher``;
 its ticket is settled with the tokens really used. ``served_response`` turns the result into
 a response carrying ``X-KVFactory-Backend`` and, when a configured degradation served it,
 ``X-KVFactory-Degraded``. Nothing here is shared across replicas, so several gateways can
@@ -35,6 +36,7 @@ from kvfactory.gateway.factory.canary import Canary
 from kvfactory.gateway.factory.config import FactoryConfig, RouteConfig
 from kvfactory.gateway.factory.dispatch import Call, Dispatcher, Finished, FinishSink, Served
 from kvfactory.gateway.factory.health import Clock
+from kvfactory.gateway.factory.inprocess import EngineOpener
 from kvfactory.gateway.factory.metrics import GatewayMetrics
 from kvfactory.gateway.factory.routing import Router, RouteRequest, RoutingState, check_strategy
 from kvfactory.gateway.schemas import ChatCompletionRequest, CompletionRequest, now, parse_request
@@ -93,6 +95,7 @@ class Factory:
         clock: Clock,
         env: Mapping[str, str] | None = None,
         sinks: tuple[FinishSink, ...] = (),
+        open_engine: EngineOpener | None = None,
     ):
         self.config = config
         self.routes: dict[str, RouteConfig] = config.resolved_routes()
@@ -100,7 +103,14 @@ class Factory:
         for public, route in self.routes.items():
             if route.strategy is not None:
                 check_strategy(route.strategy, f"routes.{public}.strategy")
-        self.backends = Backends.from_config(config, clock=clock, env=env)
+        self.backends = Backends.from_config(
+            config,
+            clock=clock,
+            env=env,
+            open_engine=open_engine,
+            metrics=metrics,
+            incidents=incidents,
+        )
         self.incidents = incidents
         self.tenants = tenants
         self.admission = admission
@@ -163,6 +173,7 @@ class Factory:
             request_id=request_id,
             tenant=tenant.name,
             route=route,
+            tenant_salt=tenant.salt,
         )
 
     async def serve(
@@ -206,7 +217,16 @@ class Factory:
         )
         return error.response()
 
-    def incidents_body(self, kind: str | None, limit: int) -> dict[str, Any]:
+    def incidents_body(
+        self,
+        kind: str | None,
+        limit: int,
+        *,
+        tenant: str | None = None,
+        since: float | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/incidents``: the newest ``limit`` matching incidents (blocking: the
+        log may read a database, so async callers run it in a thread)."""
         wanted = None
         if kind:
             try:
@@ -218,7 +238,7 @@ class Factory:
                 ) from None
         if not 1 <= limit <= MAX_INCIDENTS:
             raise invalid_request(f"limit must be in 1..{MAX_INCIDENTS}.", param="limit")
-        items = self.incidents.recent(limit=limit, kind=wanted)
+        items = self.incidents.query(limit=limit, kind=wanted, tenant=tenant, since=since)
         return {"object": "list", "data": [incident.to_json() for incident in items]}
 
     def health_body(self) -> tuple[dict[str, Any], bool]:

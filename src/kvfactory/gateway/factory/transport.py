@@ -2,7 +2,8 @@
 
 A transport POSTs a JSON body to a path under a backend's API root and returns a response
 with ``status_code``, lower-case ``headers``, and a body read once (``aread`` or
-``aiter_raw``, then ``aclose``). Failures raise httpx's exception types whichever client is
+``aiter_raw``, then ``aclose``); per-request headers (the signed tenant header) ride on
+top of the backend's fixed ones. Failures raise httpx's exception types whichever client is
 underneath. Two implementations: ``fasthttp.FastPool`` (the default, lean keep-alive pool)
 and ``HttpxTransport`` over the backend's ``httpx.AsyncClient`` (proxies, HTTP/2 and
 everything else httpx does). This module knows nothing about retries or routes.
@@ -32,8 +33,16 @@ class UpstreamResponse(Protocol):
 
 class Transport(Protocol):
     async def send(
-        self, path: str, content: bytes, *, stream: bool, timeout: float | None = None
-    ) -> UpstreamResponse: ...
+        self,
+        path: str,
+        content: bytes,
+        *,
+        stream: bool,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse:
+        """POST ``content``; ``headers`` are sent on top of the backend's fixed ones."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -45,10 +54,18 @@ class HttpxTransport:
         self.client = client
 
     async def send(
-        self, path: str, content: bytes, *, stream: bool, timeout: float | None = None
+        self,
+        path: str,
+        content: bytes,
+        *,
+        stream: bool,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> UpstreamResponse:
         extensions = {} if timeout is None else {"timeout": httpx.Timeout(timeout).as_dict()}
-        request = self.client.build_request("POST", path, content=content, extensions=extensions)
+        request = self.client.build_request(
+            "POST", path, content=content, headers=headers, extensions=extensions
+        )
         return await self.client.send(request, stream=stream)
 
     async def aclose(self) -> None:
