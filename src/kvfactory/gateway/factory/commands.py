@@ -85,7 +85,7 @@ async def _canary_round(config: FactoryConfig, record: bool) -> list[Check]:
     # its own canaries check them.
     backends = Backends.from_config(config, clock=time.monotonic, skip_engines=True)
     try:
-        incidents = IncidentLog(config.gateway.incidents)
+        incidents = _incident_log(config)
         canary = Canary(config.canary, backends, config.resolved_routes(), incidents)
         return await canary.run_once(record=record)
     finally:
@@ -109,15 +109,63 @@ def _canary_table(checks: list[Check]) -> Table:
     return table
 
 
+def _incident_log(config: FactoryConfig) -> IncidentLog:
+    """The config's incident log: its database table when ``incidents_url`` is set."""
+    if config.gateway.incidents_url is None:
+        return IncidentLog(config.gateway.incidents)
+    from kvfactory.sessions.incident_log import open_incident_table
+
+    return IncidentLog(sink=open_incident_table(config.gateway.incidents_url))
+
+
+_AGO = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """``--since``: unix seconds, an ISO-8601 time (UTC unless it says otherwise) or an age
+    such as ``90s``, ``15m``, ``2h``, ``7d``."""
+    raw = text.strip()
+    if raw[-1:] in _AGO and raw[:-1].replace(".", "", 1).isdigit():
+        return now - float(raw[:-1]) * _AGO[raw[-1]]
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--since: '{text}' is not unix seconds, an ISO-8601 time or an age like 15m"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
 def _read_incidents(
-    path: Path | None, url: str | None, kind: str | None, limit: int
+    path: Path | None,
+    url: str | None,
+    kind: str | None,
+    limit: int,
+    *,
+    db: str | None = None,
+    tenant: str | None = None,
+    since: float | None = None,
 ) -> list[dict[str, Any]]:
     if kind is not None and kind not in {k.value for k in IncidentKind}:
         known = ", ".join(k.value for k in IncidentKind)
         raise ConfigError(f"--kind: unknown incident kind '{kind}' (known: {known})")
+    if db is not None:
+        from kvfactory.sessions.incident_log import read_incidents
+
+        wanted = IncidentKind(kind) if kind else None
+        return read_incidents(db, limit=limit, kind=wanted, tenant=tenant, since=since)
     if url is not None:
         base = url.rstrip("/").removesuffix("/v1")
-        params: dict[str, str | int] = {"limit": limit, **({"kind": kind} if kind else {})}
+        params: dict[str, str | int | float] = {"limit": limit}
+        params.update({"kind": kind} if kind else {})
+        params.update({"tenant": tenant} if tenant else {})
+        params.update({"since": since} if since is not None else {})
         try:
             response = httpx.get(f"{base}/v1/incidents", params=params, timeout=10)
             response.raise_for_status()
@@ -138,7 +186,11 @@ def _read_incidents(
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
-        if kind is None or item.get("kind") == kind:
+        if (
+            (kind is None or item.get("kind") == kind)
+            and (tenant is None or item.get("tenant") == tenant)
+            and (since is None or float(item.get("at", 0)) >= since)
+        ):
             items.append(item)
     return items[-limit:]
 
@@ -208,17 +260,37 @@ def register(app: typer.Typer, *, open_engine: EngineOpener | None = None) -> No
             Path | None, typer.Option("--file", help="An incidents JSONL file.")
         ] = None,
         url: Annotated[str | None, typer.Option("--url", help="A running gateway.")] = None,
+        db: Annotated[
+            str | None,
+            typer.Option(
+                "--db", help="A database with the incident table (postgresql://, SQLite)."
+            ),
+        ] = None,
         config: ConfigOpt = None,
         kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
+        tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
+        since: Annotated[
+            str | None,
+            typer.Option(help="Only from then on: unix seconds, ISO-8601, or an age (15m, 2h)."),
+        ] = None,
         limit: Annotated[int, typer.Option(min=1, help="The most recent N.")] = 50,
         as_json: Annotated[bool, typer.Option("--json", help="JSON lines, not a table.")] = False,
     ) -> None:
-        """The incident log (file, gateway URL, or the config's incidents file)."""
-        if file is None and url is None:
-            if config is None:
-                raise ConfigError("give --file, --url or --config")
-            file = load_config(config).gateway.incidents
-        items = _read_incidents(file, url, kind, limit)
+        """The incident log: a JSONL file, a database, a running gateway, the factory
+        config's log, or (given none of these) ``kvfactory serve``'s."""
+        import time
+
+        if file is None and url is None and db is None:
+            if config is not None:
+                gateway = load_config(config).gateway
+                db, file = gateway.incidents_url, gateway.incidents
+            else:
+                settings = load_settings({})
+                db, file = settings.resolved_incidents_url, settings.incidents_file
+        after = parse_since(since, now=time.time()) if since is not None else None
+        items = _read_incidents(
+            None if db else file, url, kind, limit, db=db, tenant=tenant, since=after
+        )
         if as_json:
             for item in items:
                 typer.echo(json.dumps(item, sort_keys=True))
