@@ -35,6 +35,7 @@ def _env() -> dict[str, str]:
         **os.environ,
         "KVFACTORY_SERVER_SECRET": SERVER_SECRET,
         GATEWAY_KEY_ENV: GATEWAY_KEY,
+        "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
     }
 
