@@ -161,6 +161,32 @@ def test_in_process_engine_answers_like_the_server_after_a_fallback(stack: Stack
     assert snapshot["kind"] == "engine" and snapshot["model"] == MODEL
 
 
+def test_a_client_leaving_mid_stream_aborts_the_in_process_sequence(stack: Stack) -> None:
+    def aborted() -> float:
+        metrics = httpx.get(stack.gateway.url + "/metrics", timeout=30).text
+        prefix = f'kvfactory_requests_total{{model="{MODEL}",status="aborted"}} '
+        lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = aborted()
+    body = {"model": "smol-in", "messages": ask("Count from one to two hundred."),
+            "max_tokens": 400, "temperature": 0, "stream": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEYS['team-a']}"}
+    with httpx.stream("POST", stack.gateway.v1 + "/chat/completions", json=body,
+                      headers=headers, timeout=300) as response:  # fmt: skip
+        assert response.status_code == 200
+        chunks = response.iter_lines()
+        assert any('"content"' in line for line in chunks)  # output began; now leave
+    deadline = time.monotonic() + 120
+    while aborted() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert aborted() == before + 1  # the engine's sequence was aborted, not run to the end
+    answer = client(stack.gateway.v1, "team-a").chat.completions.create(
+        model="smol-in", messages=ask("Say hi."), max_tokens=3, temperature=0
+    )
+    assert answer.choices[0].message.content  # and the engine serves on
+
+
 def test_in_process_engine_isolates_tenants(stack: Stack) -> None:
     a, b = client(stack.gateway.v1, "team-a"), client(stack.gateway.v1, "team-b")
     assert cached(a, "smol-in", "Which record logs ship 22?") == 0
