@@ -336,6 +336,11 @@ def run_server(settings: Settings) -> None:
     if settings.trusted_gateway_key_env:
         trusted = TrustedGateway(key_from_env(settings.trusted_gateway_key_env))
     tenants = TenantResolver.from_env(settings.home, trusted=trusted)
+    if trusted is not None:
+        log.info(
+            "trusting X-KVFactory-Tenant headers signed with the key in $%s",
+            settings.trusted_gateway_key_env,
+        )
     kind = _engine_kind(settings)
     # a bad URL fails before anything loads; vLLM's connector opens its own remote tier
     remote = remote_tiers(settings, incidents) if kind.opens_store else []
