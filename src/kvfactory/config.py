@@ -55,6 +55,11 @@ class Settings(BaseModel):
     )
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host_reserve_bytes: int = Field(
+        default=768 * (1 << 20),
+        ge=0,
+        description="host memory pre-faulted at start and kept for KV buffers (glibc; 0: off)",
+    )
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=256, ge=1, description="requests waiting before 429")
     remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")

@@ -4,6 +4,7 @@ fault isolation, validation and reuse through a real context store."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,37 @@ def test_reuse_through_a_real_store(tiny_model_dir: Path, tmp_path: Path, exact:
     finally:
         asyncio.run(eng.shutdown())
         asyncio.run(reference.shutdown())
+        store.close()
+
+
+class SlowWrites:
+    """The real store, with every ``put_many`` held back (a busy disk)."""
+
+    def __init__(self, store: Any, delay_s: float) -> None:
+        self._store, self._delay_s = store, delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def put_many(self, blocks: Any) -> None:
+        time.sleep(self._delay_s)
+        self._store.put_many(blocks)
+
+
+def test_a_repeat_waits_for_the_write_still_in_flight(tiny_model_dir: Path, tmp_path: Path):
+    conf = settings(tmp_path)
+    store = open_store(conf)
+    eng = HFEngine(tiny_model_dir, settings=conf, store=SlowWrites(store, delay_s=1.0))
+    asyncio.run(eng.start())
+    try:
+        prompt = prompt_of(eng, "sent twice in a row, no pause in between " * 4)
+        first = collect(eng.generate(request(prompt, "first", max_tokens=2)))
+        repeat = collect(eng.generate(request(prompt, "repeat", max_tokens=2)))
+        assert first[2].usage.cached_tokens == 0
+        assert repeat[2].usage.cached_tokens == ((len(prompt) - 1) // CHUNK) * CHUNK > 0
+        assert repeat[0] == first[0]
+    finally:
+        asyncio.run(eng.shutdown())
         store.close()
 
 

@@ -27,6 +27,7 @@ from kvfactory.engines.hf.fingerprint import (
     build_fingerprint,
     fingerprint_cache_file,
 )
+from kvfactory.engines.hf.host_memory import reserve_host_memory
 from kvfactory.engines.hf.kv_blocks import BlockCodec, supports_block_reuse
 from kvfactory.engines.hf.model_source import resolve_model_dir, validate_model_dir
 from kvfactory.engines.hf.reuse import ContextStoreLike, PrefixReuse
@@ -85,6 +86,8 @@ class HFEngine:
         self._text = ChatTokenizer(self.tokenizer)
         self._stream_tokenizer = load_tokenizer_from(model_dir)
         self.runner = ModelRunner.load(model_dir, device=device, dtype=dtype, console=console)
+        if device.type == "cpu":
+            self._reserve_host_memory(settings.host_reserve_bytes)
         self.fingerprint: ModelFingerprint = build_fingerprint(
             model_dir,
             dtype=dtype_name(dtype),
@@ -133,6 +136,18 @@ class HFEngine:
             incidents=incidents,
             console=console,
         )
+
+    @staticmethod
+    def _reserve_host_memory(nbytes: int) -> None:
+        reserve = reserve_host_memory(nbytes)
+        if reserve.reserved_bytes:
+            log.info(
+                "pre-faulted %.0f MiB of host memory for KV buffers in %.2fs",
+                reserve.reserved_bytes / (1 << 20),
+                reserve.seconds,
+            )
+        elif nbytes:
+            log.info("host memory not reserved for KV buffers: %s", reserve.reason)
 
     def _make_reuse(self, store: ContextStoreLike | None) -> PrefixReuse | None:
         if store is None or not self.settings.reuse:

@@ -4,8 +4,12 @@
 plans how many leading chunks to load (never the chunk holding the prompt's last token: its
 logits must be computed), loading rebuilds a ``DynamicCache`` from the verified blocks, and
 after the first token the prompt's new full chunks are encoded and stored on a writer
-thread so decode never waits for the store. Any store failure degrades to recomputation
-and an incident; it never fails a request. This module knows nothing about scheduling.
+thread so decode never waits for the store. A lookup whose next missing chunk is still
+being written by an earlier request waits for that write (at most ``IN_FLIGHT_WAIT_S``)
+instead of recomputing it: the write takes a fraction of the prefill it saves, and without
+the wait an identical request sent right after the first would miss. Any store failure
+degrades to recomputation and an incident; it never fails a request. This module knows
+nothing about scheduling.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from kvfactory.store.keys import Namespace
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT_WAIT_S = 5.0
+"""Longest a lookup waits for an earlier request's write of the chunk it needs next."""
 
 
 class ChunkHitLike(Protocol):
@@ -93,6 +100,8 @@ class PrefixReuse:
         self._incidents = incidents
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfactory-kv-writer")
         self._pending: set[Future[None]] = set()
+        self._writing: dict[BlockKey, Future[None]] = {}
+        """Chunk keys queued or being written, so a lookup can wait for them."""
         self._pending_lock = threading.Lock()
 
     @property
@@ -119,14 +128,12 @@ class PrefixReuse:
     ) -> tuple[ReusePlan, Any | None]:
         """Plan plus a cache holding the loaded prefix (``None`` when nothing was loaded)."""
         plan = ReusePlan(namespace=namespace)
+        usable = self.usable_chunks(len(tokens))
         try:
-            result = self.store.lookup(tokens, namespace)
-            plan.keys = list(result.keys)
-            for expected, hit in enumerate(result.hits):
-                if hit.chunk_index != expected:
-                    break
-                plan.hit_chunks = expected + 1
-            wanted = min(plan.hit_chunks, self.usable_chunks(len(tokens)))
+            self._lookup(plan, tokens)
+            if plan.hit_chunks < usable and self._wait_for_write(plan.keys[plan.hit_chunks]):
+                self._lookup(plan, tokens)
+            wanted = min(plan.hit_chunks, usable)
             blocks = self.store.load(plan.keys[:wanted]) if wanted else []
         except Exception as error:
             self._degraded("lookup", error, request_id)
@@ -142,6 +149,27 @@ class PrefixReuse:
             plan.loaded_chunks = len(blocks)
             return plan, cache
         return plan, None
+
+    def _lookup(self, plan: ReusePlan, tokens: Sequence[int]) -> None:
+        result = self.store.lookup(tokens, plan.namespace)
+        plan.keys = list(result.keys)
+        plan.hit_chunks = 0
+        for expected, hit in enumerate(result.hits):
+            if hit.chunk_index != expected:
+                break
+            plan.hit_chunks = expected + 1
+
+    def _wait_for_write(self, key: BlockKey) -> bool:
+        """Wait for an in-flight write of ``key``; True when there was one and it ended."""
+        with self._pending_lock:
+            future = self._writing.get(key)
+        if future is None:
+            return False
+        try:
+            future.result(IN_FLIGHT_WAIT_S)
+        except Exception:  # a timeout or a failed write: recompute, as without the wait
+            return False
+        return True
 
     def _first_unusable(self, blocks: Sequence[KVBlock]) -> int:
         for index, block in enumerate(blocks):
@@ -193,14 +221,20 @@ class PrefixReuse:
                 time.perf_counter() - started,
             )
 
-        future = self._writer.submit(write)
+        written = [plan.keys[index] for index in indices]
         with self._pending_lock:
+            future = self._writer.submit(write)
             self._pending.add(future)
-        future.add_done_callback(self._forget)
+            for key in written:
+                self._writing[key] = future
+        future.add_done_callback(lambda done: self._forget(done, written))
 
-    def _forget(self, future: Future[None]) -> None:
+    def _forget(self, future: Future[None], keys: Sequence[BlockKey]) -> None:
         with self._pending_lock:
             self._pending.discard(future)
+            for key in keys:
+                if self._writing.get(key) is future:
+                    del self._writing[key]
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait for queued chunk writes, then for the store's own write-behind queue."""
