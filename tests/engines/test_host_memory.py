@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from kvfactory.engines.hf.host_memory import reserve_host_memory
+from kvfactory.engines.host_memory import reserve_host_memory
 
 PROBE = """
 import json, resource, sys
-from kvfactory.engines.hf.host_memory import reserve_host_memory
+from kvfactory.engines.host_memory import reserve_host_memory
 reserve = reserve_host_memory(int(sys.argv[1]))
 import torch
 def faults():

@@ -9,7 +9,8 @@ Load it with::
 
 ``kv_connector_extra_config`` takes ``kvfactory.config.Settings`` fields (``home``,
 ``store_dir``, ``memory_bytes``, ``disk_bytes``, ``chunk_tokens``, ``eviction``,
-``admission``, ``remote_url``; ``KVFACTORY_*`` variables apply too) plus
+``admission``, ``remote_url``, ``host_reserve_bytes``; ``KVFACTORY_*`` variables apply
+too) plus
 ``save_generated`` (default true: generated tokens' chunks are stored as well, as vLLM's
 own prefix cache does).
 
@@ -45,6 +46,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfactory._types import BlockKey, NamespaceId
 from kvfactory.config import Settings, load_settings
+from kvfactory.engines.host_memory import reserve_host_memory
 from kvfactory.engines.vllm_kv import shared_store
 from kvfactory.engines.vllm_kv.identity import (
     NamespaceBook,
@@ -227,6 +229,16 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._paged.describe(),
             self._paged.dtype,
         )
+        # after vLLM allocated its KV tensors, so the reserve is left for block payloads
+        reserve = reserve_host_memory(self._settings.host_reserve_bytes)
+        if reserve.reserved_bytes:
+            log.info(
+                "kvfactory connector: pre-faulted %.0f MiB of host memory for blocks in %.2fs",
+                reserve.reserved_bytes / (1 << 20),
+                reserve.seconds,
+            )
+        elif self._settings.host_reserve_bytes:
+            log.info("kvfactory connector: host memory not reserved: %s", reserve.reason)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()

@@ -27,7 +27,6 @@ from kvfactory.engines.hf.fingerprint import (
     build_fingerprint,
     fingerprint_cache_file,
 )
-from kvfactory.engines.hf.host_memory import reserve_host_memory
 from kvfactory.engines.hf.kv_blocks import BlockCodec, supports_block_reuse
 from kvfactory.engines.hf.model_source import resolve_model_dir, validate_model_dir
 from kvfactory.engines.hf.reuse import ContextStoreLike, PrefixReuse
@@ -42,6 +41,7 @@ from kvfactory.engines.hf.sampling import TokenSampler
 from kvfactory.engines.hf.scheduler import Scheduler
 from kvfactory.engines.hf.sequence import Sequence as EngineSequence
 from kvfactory.engines.hf.stream import EventChannel, EventStream
+from kvfactory.engines.host_memory import reserve_host_memory
 from kvfactory.errors import ConfigError, InvalidRequestError
 from kvfactory.store.keys import Namespace
 from kvfactory.telemetry.incidents import IncidentLog

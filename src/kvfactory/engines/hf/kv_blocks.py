@@ -28,19 +28,20 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
 def snapshot_layers(cache: Any) -> list[LayerKV]:
-    """References to every layer's current tensors.
+    """Views of every layer's current tokens.
 
-    ``DynamicLayer.update`` concatenates into *new* tensors, so a snapshot stays valid
-    (and unchanged) while decoding goes on; the writer thread can encode it later.
+    Layers only ever write past their valid length (``GrowingLayer``) or concatenate into
+    new tensors (``DynamicLayer``), so a snapshot stays valid and unchanged while decoding
+    goes on; the writer thread can encode it later.
     """
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def supports_block_reuse(cache: Any) -> bool:
     """Only full-attention dynamic layers keep every token's KV; sliding windows do not."""
-    from transformers.cache_utils import DynamicLayer
+    from kvfactory.engines.hf.growing_cache import GrowingLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) is GrowingLayer for layer in cache.layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,25 +125,26 @@ class BlockCodec:
         return raw.view(self.dtype).reshape(self.shape)
 
     def to_cache(self, blocks: Sequence[KVBlock], config: Any, device: torch.device) -> Any:
-        """A ``DynamicCache`` holding the KV of ``blocks`` (chunks 0..n-1, in order).
+        """A cache (``growing_cache.new_cache``) holding the KV of ``blocks`` (chunks 0..n-1).
 
-        Each payload is copied once, straight into per-layer tensors of the final size:
-        a multi-thousand-token context is hundreds of MB, and every extra pass shows in TTFT.
+        Each payload is copied once, straight into per-layer buffers with room for the
+        tokens still to come: a multi-thousand-token context is hundreds of MB, and every
+        extra pass over it shows in TTFT.
         """
-        from transformers import DynamicCache
+        from kvfactory.engines.hf.growing_cache import GrowingLayer, new_cache, room_for
 
-        cache = DynamicCache(config=config)
+        cache = new_cache(config)
         if not blocks:
             return cache
         geometry = self.geometry
         total = len(blocks) * self.chunk_tokens
-        layer_shape = (1, geometry.num_kv_heads, total, geometry.head_dim)
+        buffer_shape = (1, geometry.num_kv_heads, room_for(total), geometry.head_dim)
         keys = [
-            torch.empty(layer_shape, dtype=self.dtype, device=device)
+            torch.empty(buffer_shape, dtype=self.dtype, device=device)
             for _ in range(geometry.num_layers)
         ]
         values = [
-            torch.empty(layer_shape, dtype=self.dtype, device=device)
+            torch.empty(buffer_shape, dtype=self.dtype, device=device)
             for _ in range(geometry.num_layers)
         ]
         for index, block in enumerate(blocks):
@@ -152,22 +154,11 @@ class BlockCodec:
             for layer_index in range(geometry.num_layers):
                 keys[layer_index][0, :, start:end, :].copy_(chunk[layer_index, 0])
                 values[layer_index][0, :, start:end, :].copy_(chunk[layer_index, 1])
-        for layer_index in range(geometry.num_layers):
-            _adopt(cache, layer_index, keys[layer_index], values[layer_index])
+        for layer_index, layer in enumerate(cache.layers):
+            if not isinstance(layer, GrowingLayer):
+                raise BlockCorruptError("this model's cache layers cannot take stored blocks")
+            layer.adopt(keys[layer_index], values[layer_index], total)
         return cache
-
-
-def _adopt(cache: Any, layer_index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Make ``keys``/``values`` the layer's state without the copy ``update`` would make
-    (``DynamicLayer.update`` concatenates onto an empty tensor)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_index < len(layers):
-        layer = layers[layer_index]
-        if not layer.is_initialized:
-            layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        return
-    cache.update(keys, values, layer_index)
 
 
 __all__ = ["BlockCodec", "LayerKV", "snapshot_layers", "supports_block_reuse"]

@@ -98,9 +98,9 @@ class ModelRunner:
         return int(self.model.get_input_embeddings().num_embeddings)
 
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from kvfactory.engines.hf.growing_cache import new_cache
 
-        return DynamicCache(config=self.config)
+        return new_cache(self.config)
 
     def forward(self, cache: Any, token_ids: Sequence[int]) -> torch.Tensor:
         """Append ``token_ids`` to ``cache``; return the logits after the last one."""
