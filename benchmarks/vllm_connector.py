@@ -6,8 +6,10 @@ prompts (median reported):
 
 * **cold**: first sight of the prompt in an engine with the kvfactory connector (it pays
   the connector's save as well, which is what a user of the connector pays);
-* **prefix cache**: the same prompt again in that engine, served by vLLM's own in-process
-  prefix cache;
+* **cold, no connector** and **prefix cache**: the prompt twice in a plain vLLM engine (no
+  connector), the second time served by vLLM's own in-process prefix cache — in an engine
+  of its own, so the kvfactory connector's background writes of the cold run never overlap
+  the prefix-cache measurement;
 * **kvfactory after restart**: a fresh vLLM process on the same store directory, first
   request for the prompt, served from kvfactory's disk tier;
 * **ExampleConnector after restart**: vLLM's built-in disk connector, filled by one
@@ -98,7 +100,13 @@ def main() -> None:
         for length, batch in prompts.items():
             for prompt in batch:
                 note("cold", length, *ttft(first, prompt))
-                note("prefix cache", length, *ttft(first, prompt))
+    print("vLLM without a connector (cold, then its prefix cache)...", file=sys.stderr)
+    with VLLMDriver(common) as plain:
+        ttft(plain, warmup)
+        for length, batch in prompts.items():
+            for prompt in batch:
+                note("cold, no connector", length, *ttft(plain, prompt))
+                note("prefix cache", length, *ttft(plain, prompt))
     print("restarting vLLM on the same store...", file=sys.stderr)
     with VLLMDriver(kvf) as second:
         ttft(second, warmup)
@@ -116,7 +124,13 @@ def main() -> None:
             for prompt in batch:
                 note("ExampleConnector after restart", length, *ttft(read, prompt))
 
-    names = ["cold", "prefix cache", "kvfactory after restart", "ExampleConnector after restart"]
+    names = [
+        "cold",
+        "cold, no connector",
+        "prefix cache",
+        "kvfactory after restart",
+        "ExampleConnector after restart",
+    ]
     print(
         f"\nvLLM {args.block_size}-token blocks, kvfactory {args.chunk_tokens}-token chunks, "
         f"median of {args.repeats}; TTFT in seconds (cached tokens)\n"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvfactory._types import ModelFingerprint
-from kvfactory.engines.vllm_kv.paged import PagedKV, block_dim_of
+from kvfactory.engines.vllm_kv.paged import PagedKV, block_dim_of, consecutive_runs
 from kvfactory.engines.vllm_kv.plan import TransferPlanner
 from kvfactory.errors import ConfigError
 from kvfactory.store import ContextStore, MemoryTier
@@ -149,6 +149,18 @@ def test_paged_gather_and_scatter_round_trip(shape: tuple[int, ...], dim: int) -
         assert torch.equal(tensor.select(dim, 7), source[name].select(dim, 2))
         assert torch.equal(tensor.select(dim, 1), torch.zeros_like(tensor.select(dim, 1)))
     assert "blockdim" in paged.describe()
+    runs = PagedKV.from_vllm(target, num_blocks)
+    runs.scatter([3, 4, 10], data)  # a run of two, then one block: slice copies
+    for name, tensor in target.items():
+        for block_id, position in ((3, 0), (4, 1), (10, 2)):
+            assert torch.equal(tensor.select(dim, block_id), data[int(name[-1]), position])
+        assert torch.equal(tensor.select(dim, 5), torch.zeros_like(tensor.select(dim, 5)))
+
+
+def test_consecutive_runs_of_block_ids() -> None:
+    assert consecutive_runs([4, 5, 6, 9, 2, 3]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
+    assert consecutive_runs([7]) == [(0, 7, 1)]
+    assert consecutive_runs([]) == []
 
 
 def test_mixed_layer_shapes_are_refused() -> None:
