@@ -89,6 +89,7 @@ def main() -> None:
     cached: dict[tuple[str, int], list[int]] = {}
 
     def note(name: str, length: int, seconds: float, hit: int) -> None:
+        print(f"{name:>31} {length:5d}: {seconds:.3f} s (cached {hit})", file=sys.stderr)
         times.setdefault((name, length), []).append(seconds)
         cached.setdefault((name, length), []).append(hit)
 

@@ -11,7 +11,8 @@ at the allocator level so tensors stay ordinary torch tensors: it tells glibc to
 large blocks from one heap it never trims, then touches ``nbytes`` of that heap and frees
 it. Later KV tensors and block payloads are carved from mapped pages. The price is that the
 process keeps its peak heap instead of returning it. Only glibc on Linux has these knobs;
-elsewhere this does nothing and says so.
+elsewhere, or where another allocator is preloaded (vLLM's CPU build preloads tcmalloc,
+which keeps freed memory cached by itself), this does nothing and says so.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _glibc() -> ctypes.CDLL | None:
         libc.gnu_get_libc_version  # noqa: B018  (musl and others lack it: no mallopt knobs)
     except (OSError, AttributeError):
         return None
+    process = ctypes.CDLL(None)  # the malloc every other library in the process calls
+    if (
+        ctypes.cast(process.malloc, ctypes.c_void_p).value
+        != ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    ):
+        return None  # an interposed allocator (vLLM CPU preloads tcmalloc): knobs do nothing
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -69,7 +76,7 @@ def reserve_host_memory(nbytes: int) -> HostReserve:
         return HostReserve(0, 0.0, "disabled")
     libc = _glibc()
     if libc is None:
-        return HostReserve(0, 0.0, "needs glibc on Linux")
+        return HostReserve(0, 0.0, "needs glibc's malloc on Linux (not an LD_PRELOADed one)")
     started = time.perf_counter()
     for param, value in (
         (_M_ARENA_MAX, 1),
