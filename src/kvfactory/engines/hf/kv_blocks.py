@@ -156,7 +156,9 @@ class BlockCodec:
                 values[layer_index][0, :, start:end, :].copy_(chunk[layer_index, 1])
         for layer_index, layer in enumerate(cache.layers):
             if not isinstance(layer, GrowingLayer):
-                raise BlockCorruptError("this model's cache layers cannot take stored blocks")
+                # not BlockCorruptError: the blocks are fine, and load_prefix would retry them
+                # forever; reuse is only on when supports_block_reuse said yes
+                raise TypeError(f"cache layer {type(layer).__name__} cannot take stored blocks")
             layer.adopt(keys[layer_index], values[layer_index], total)
         return cache
 
