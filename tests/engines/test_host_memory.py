@@ -15,9 +15,10 @@ import pytest
 from kvfactory.engines.host_memory import reserve_host_memory
 
 PROBE = """
-import json, resource, sys
-from kvfactory.engines.host_memory import reserve_host_memory
-reserve = reserve_host_memory(int(sys.argv[1]))
+import json, logging, resource, sys
+from kvfactory.engines.host_memory import reserve_and_report
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+reserve = reserve_and_report(int(sys.argv[1]), "the probe")
 import torch
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -41,6 +42,7 @@ def _probe(reserve_bytes: int) -> dict[str, object]:
         timeout=120,
     )
     result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["log"] = out.stderr
     return result
 
 
@@ -53,6 +55,8 @@ def test_tensors_after_the_reserve_reuse_mapped_pages() -> None:
     assert isinstance(without["faults"], int) and isinstance(reserved["faults"], int)
     assert without["faults"] > PAGES_TOUCHED // 2  # fresh memory faults page by page
     assert reserved["faults"] < PAGES_TOUCHED // 20
+    assert "pre-faulted 512 MiB of host memory for the probe" in str(reserved["log"])
+    assert "host memory" not in str(without["log"])  # a reserve turned off says nothing
 
 
 def test_a_zero_reserve_changes_nothing() -> None:

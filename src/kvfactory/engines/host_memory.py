@@ -95,4 +95,19 @@ def reserve_host_memory(nbytes: int) -> HostReserve:
     return HostReserve(nbytes, time.perf_counter() - started)
 
 
-__all__ = ["HostReserve", "reserve_host_memory"]
+def reserve_and_report(nbytes: int, purpose: str) -> HostReserve:
+    """``reserve_host_memory`` plus one log line saying what was reserved, or why not."""
+    reserve = reserve_host_memory(nbytes)
+    if reserve.reserved_bytes:
+        log.info(
+            "pre-faulted %.0f MiB of host memory for %s in %.2fs",
+            reserve.reserved_bytes / (1 << 20),
+            purpose,
+            reserve.seconds,
+        )
+    elif nbytes:
+        log.info("host memory not reserved for %s: %s", purpose, reserve.reason)
+    return reserve
+
+
+__all__ = ["HostReserve", "reserve_and_report", "reserve_host_memory"]

@@ -46,7 +46,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfactory._types import BlockKey, NamespaceId
 from kvfactory.config import Settings, load_settings
-from kvfactory.engines.host_memory import reserve_host_memory
+from kvfactory.engines.host_memory import reserve_and_report
 from kvfactory.engines.vllm_kv import shared_store
 from kvfactory.engines.vllm_kv.identity import (
     NamespaceBook,
@@ -230,15 +230,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._paged.dtype,
         )
         # after vLLM allocated its KV tensors, so the reserve is left for block payloads
-        reserve = reserve_host_memory(self._settings.host_reserve_bytes)
-        if reserve.reserved_bytes:
-            log.info(
-                "kvfactory connector: pre-faulted %.0f MiB of host memory for blocks in %.2fs",
-                reserve.reserved_bytes / (1 << 20),
-                reserve.seconds,
-            )
-        elif self._settings.host_reserve_bytes:
-            log.info("kvfactory connector: host memory not reserved: %s", reserve.reason)
+        reserve_and_report(self._settings.host_reserve_bytes, "kvfactory connector blocks")
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()

@@ -41,7 +41,7 @@ from kvfactory.engines.hf.sampling import TokenSampler
 from kvfactory.engines.hf.scheduler import Scheduler
 from kvfactory.engines.hf.sequence import Sequence as EngineSequence
 from kvfactory.engines.hf.stream import EventChannel, EventStream
-from kvfactory.engines.host_memory import reserve_host_memory
+from kvfactory.engines.host_memory import reserve_and_report
 from kvfactory.errors import ConfigError, InvalidRequestError
 from kvfactory.store.keys import Namespace
 from kvfactory.telemetry.incidents import IncidentLog
@@ -87,7 +87,7 @@ class HFEngine:
         self._stream_tokenizer = load_tokenizer_from(model_dir)
         self.runner = ModelRunner.load(model_dir, device=device, dtype=dtype, console=console)
         if device.type == "cpu":
-            self._reserve_host_memory(settings.host_reserve_bytes)
+            reserve_and_report(settings.host_reserve_bytes, "KV buffers")
         self.fingerprint: ModelFingerprint = build_fingerprint(
             model_dir,
             dtype=dtype_name(dtype),
@@ -136,18 +136,6 @@ class HFEngine:
             incidents=incidents,
             console=console,
         )
-
-    @staticmethod
-    def _reserve_host_memory(nbytes: int) -> None:
-        reserve = reserve_host_memory(nbytes)
-        if reserve.reserved_bytes:
-            log.info(
-                "pre-faulted %.0f MiB of host memory for KV buffers in %.2fs",
-                reserve.reserved_bytes / (1 << 20),
-                reserve.seconds,
-            )
-        elif nbytes:
-            log.info("host memory not reserved for KV buffers: %s", reserve.reason)
 
     def _make_reuse(self, store: ContextStoreLike | None) -> PrefixReuse | None:
         if store is None or not self.settings.reuse:
