@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engines" / "connector"))
@@ -93,37 +94,27 @@ def main() -> None:
         times.setdefault((name, length), []).append(seconds)
         cached.setdefault((name, length), []).append(hit)
 
-    print(
-        "starting vLLM with the kvfactory connector (cold, then prefix cache)...", file=sys.stderr
-    )
-    with VLLMDriver(kvf) as first:
-        ttft(first, warmup)
-        for length, batch in prompts.items():
-            for prompt in batch:
-                note("cold", length, *ttft(first, prompt))
+    def measure(options: dict[str, Any], *phases: str) -> None:
+        """A fresh engine; after a warm-up, each prompt once per phase, in order."""
+        with VLLMDriver(options) as driver:
+            ttft(driver, warmup)
+            for length, batch in prompts.items():
+                for prompt in batch:
+                    for phase in phases:
+                        note(phase, length, *ttft(driver, prompt))
+
+    print("vLLM with the kvfactory connector (cold)...", file=sys.stderr)
+    measure(kvf, "cold")
     print("vLLM without a connector (cold, then its prefix cache)...", file=sys.stderr)
-    with VLLMDriver(common) as plain:
-        ttft(plain, warmup)
-        for length, batch in prompts.items():
-            for prompt in batch:
-                note("cold, no connector", length, *ttft(plain, prompt))
-                note("prefix cache", length, *ttft(plain, prompt))
+    measure(common, "cold, no connector", "prefix cache")
     print("restarting vLLM on the same store...", file=sys.stderr)
-    with VLLMDriver(kvf) as second:
-        ttft(second, warmup)
-        for length, batch in prompts.items():
-            for prompt in batch:
-                note("kvfactory after restart", length, *ttft(second, prompt))
+    measure(kvf, "kvfactory after restart")
     print("ExampleConnector: filling, then a fresh process...", file=sys.stderr)
     with VLLMDriver(example) as fill:
         for batch in prompts.values():
             for prompt in batch:
                 ttft(fill, prompt)
-    with VLLMDriver(example) as read:
-        ttft(read, warmup)
-        for length, batch in prompts.items():
-            for prompt in batch:
-                note("ExampleConnector after restart", length, *ttft(read, prompt))
+    measure(example, "ExampleConnector after restart")
 
     names = [
         "cold",
