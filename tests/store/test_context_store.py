@@ -125,6 +125,22 @@ def test_a_cold_store_reads_disk_and_promotes_to_memory(
     assert cold.stats().hits_by_tier == {"disk": 4}
 
 
+def test_a_load_without_promotion_leaves_the_faster_tiers_alone(
+    open_local: OpenStore, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    tokens = prompt(3 * 16)
+    blocks = make_blocks(tokens, namespace)
+    with open_local() as first:
+        first.put_many(blocks)
+    cold = open_local()
+
+    loaded = cold.load(cold.lookup(tokens, namespace), promote=False)
+    assert [bytes(b.payload) for b in loaded] == [bytes(b.payload) for b in blocks]
+    assert not any(cold.tiers[0].contains(b.key) for b in blocks)
+    assert [h.tier for h in cold.lookup(tokens, namespace).hits] == ["disk"] * 3
+    assert cold.stats().hits_by_tier == {"disk": 3}
+
+
 def test_load_by_keys_get_and_contains(
     open_local: OpenStore, namespace: Namespace, make_blocks: MakeBlocks
 ) -> None:

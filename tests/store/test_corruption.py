@@ -65,6 +65,23 @@ def test_a_corrupt_block_ends_the_prefix_and_is_reported(
         assert len(incidents) == 1
 
 
+def test_a_truncated_block_file_is_a_miss_not_a_short_read(
+    tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    tokens = list(range(3 * 16))
+    blocks = make_blocks(tokens, namespace)
+    with local_store(tmp_path) as writer:
+        writer.put_many(blocks)
+    digest = blocks[1].key.hex()
+    path = tmp_path / digest[:2] / f"{digest}.kvb"
+    with local_store(tmp_path) as store:
+        result = store.lookup(tokens, namespace)  # indexed at its full size
+        path.write_bytes(path.read_bytes()[:-100])
+        loaded = store.load(result)
+        assert [b.key for b in loaded] == [blocks[0].key]
+        assert store.stats().checksum_failures == 1 and not path.exists()
+
+
 def test_a_block_under_the_wrong_key_is_corrupt(
     tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
 ) -> None:

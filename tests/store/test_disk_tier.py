@@ -66,6 +66,21 @@ def test_put_get_files_and_stats(tmp_path: Path) -> None:
     assert tier.read_cost.latency_s == 1e-4 and tier.read_cost.bytes_per_s == 1.5e9
 
 
+def test_a_read_block_stays_intact_after_the_tier_drops_or_replaces_it(tmp_path: Path) -> None:
+    # Reads may be zero-copy views of the file; the tier replaces and removes files, never
+    # rewrites them in place, so what a reader holds cannot change under it.
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+    key, data = make_block("a")
+    tier.put(key, data)
+    held = tier.get(key)
+    assert held is not None
+    tier.delete(key)
+    tier.put(key, make_block("a", payload_bytes=1000)[1])
+    tier.clear()
+    assert bytes(held) == data
+    assert decode_block(held, expected_key=key).header.key == key
+
+
 def test_budget_evicts_and_deletes_files(tmp_path: Path) -> None:
     blocks = [make_block(name) for name in "abcd"]
     size = len(blocks[0][1])

@@ -33,7 +33,7 @@ from kvfactory.store.explain import (
 from kvfactory.store.keys import Namespace
 from kvfactory.store.pins import PinRegistry
 from kvfactory.store.policy import AdmissionPolicy, make_admission_policy
-from kvfactory.store.tiers.base import Tier, TierHooks, TierStats
+from kvfactory.store.tiers.base import BlockBytes, Tier, TierHooks, TierStats
 from kvfactory.store.writer import TIER_FAULTS, TierWriter, WriteJob
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics, StoreMetrics
@@ -260,9 +260,15 @@ class ContextStore:
 
     # -- load ---------------------------------------------------------------------------
 
-    def load(self, hits: LookupResult | Sequence[BlockKey]) -> list[KVBlock]:
+    def load(
+        self, hits: LookupResult | Sequence[BlockKey], *, promote: bool = True
+    ) -> list[KVBlock]:
         """Blocks of the hit prefix, in order; stops before the first one that cannot be
-        read and verified from any tier."""
+        read and verified from any tier.
+
+        ``promote=False`` leaves blocks read from a slower tier out of the faster ones: for
+        a caller that keeps the loaded KV in a faster cache of its own (vLLM's CPU KV
+        space), a second copy in the memory tier only costs host memory."""
         self._check_open()
         if isinstance(hits, LookupResult):
             plan = [(hit.key, hit.chunk_index, self._rank.get(hit.tier)) for hit in hits.hits]
@@ -285,7 +291,7 @@ class ContextStore:
             if found is None:
                 break
             block, data, tier_index = found
-            self._served(key, data, tier_index)
+            self._served(key, data, tier_index, promote=promote)
             blocks.append(block)
         return blocks
 
@@ -293,13 +299,13 @@ class ContextStore:
         blocks = self.load([key])
         return blocks[0] if blocks else None
 
-    def _prefetch(self, plan: list[tuple[BlockKey, int, int | None]]) -> dict[int, bytes]:
+    def _prefetch(self, plan: list[tuple[BlockKey, int, int | None]]) -> dict[int, BlockBytes]:
         """One batched read per tier for the planned hits."""
         by_tier: dict[int, list[int]] = {}
         for position, (_key, _chunk, tier_index) in enumerate(plan):
             if tier_index is not None:
                 by_tier.setdefault(tier_index, []).append(position)
-        fetched: dict[int, bytes] = {}
+        fetched: dict[int, BlockBytes] = {}
         for tier_index, positions in by_tier.items():
             try:
                 values = self._tiers[tier_index].get_many([plan[p][0] for p in positions])
@@ -312,7 +318,7 @@ class ContextStore:
 
     def _fetch_anywhere(
         self, key: BlockKey, chunk_index: int, skip: int | None
-    ) -> tuple[KVBlock, bytes, int] | None:
+    ) -> tuple[KVBlock, BlockBytes, int] | None:
         for tier_index, tier in enumerate(self._tiers):
             if tier_index == skip:
                 continue
@@ -327,7 +333,9 @@ class ContextStore:
                 return block, data, tier_index
         return None
 
-    def _decode(self, key: BlockKey, data: bytes, tier_index: int, chunk: int) -> KVBlock | None:
+    def _decode(
+        self, key: BlockKey, data: BlockBytes, tier_index: int, chunk: int
+    ) -> KVBlock | None:
         tier = self._tiers[tier_index]
         try:
             return decode_block(data, verify=tier.verify_on_read, expected_key=key)
@@ -355,20 +363,20 @@ class ContextStore:
             )
         )
 
-    def _served(self, key: BlockKey, data: bytes, tier_index: int) -> None:
+    def _served(self, key: BlockKey, data: BlockBytes, tier_index: int, *, promote: bool) -> None:
         tier = self._tiers[tier_index]
         with self._counters_lock:
             by_tier = self._counters.hits_by_tier
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
         self._metrics.hits.labels(tier.name).inc()
         self._metrics.bytes_read.labels(tier.name).inc(len(data))
-        if tier_index > 0:
+        if promote and tier_index > 0:
             self._promote(key, data, tier_index)
         skips = self._tombstones.pending_skips(key)
         if skips:  # a reused block earns another chance at the tiers that skipped it
             self._writer.offer(key, data, skips)
 
-    def _promote(self, key: BlockKey, data: bytes, source: int) -> None:
+    def _promote(self, key: BlockKey, data: BlockBytes, source: int) -> None:
         """Copy a block read from a slow tier into every faster one (the first synchronously)."""
         self._writer.write_now(self._tiers[0], key, data)
         between = self._tiers[1:source]

@@ -29,7 +29,7 @@ from kvfactory._types import BlockKey
 from kvfactory.errors import StoreError
 from kvfactory.store.explain import SkipReason, TombstoneBook
 from kvfactory.store.policy import AdmissionPolicy
-from kvfactory.store.tiers.base import Tier
+from kvfactory.store.tiers.base import BlockBytes, Tier
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import StoreMetrics
 
@@ -170,7 +170,7 @@ class WriteJob:
     """One block's bytes bound for one or more tiers."""
 
     key: BlockKey
-    data: bytes
+    data: BlockBytes
     tiers: tuple[Tier, ...]
 
 
@@ -245,14 +245,16 @@ class TierWriter:
         with self._counts_lock:
             self._counts[name] += amount
 
-    def write_now(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+    def write_now(self, tier: Tier, key: BlockKey, data: BlockBytes) -> None:
         """Write synchronously unless present; a failing tier is counted, not raised."""
         try:
             self._store(tier, key, data)
         except TIER_FAULTS as error:
             self._write_failed(WriteJob(key, data, (tier,)), error)
 
-    def offer(self, key: BlockKey, data: bytes, tiers: Mapping[str, SkipReason | None]) -> None:
+    def offer(
+        self, key: BlockKey, data: BlockBytes, tiers: Mapping[str, SkipReason | None]
+    ) -> None:
         """Queue writes to the lower tiers named in ``tiers`` that admission lets through.
 
         ``None`` marks a first offer. Tiers that skipped the block for a reason other than
@@ -271,7 +273,7 @@ class TierWriter:
         if admitted:
             self.enqueue(WriteJob(key, data, tuple(admitted)))
 
-    def offer_everywhere(self, key: BlockKey, data: bytes) -> None:
+    def offer_everywhere(self, key: BlockKey, data: BlockBytes) -> None:
         self.offer(key, data, dict.fromkeys((tier.name for tier in self._lower), None))
 
     def enqueue(self, job: WriteJob) -> bool:
@@ -310,7 +312,7 @@ class TierWriter:
             except Exception as error:
                 self._write_failed(WriteJob(job.key, job.data, (tier,)), error)
 
-    def _store(self, tier: Tier, key: BlockKey, data: bytes) -> None:
+    def _store(self, tier: Tier, key: BlockKey, data: BlockBytes) -> None:
         if tier.contains(key):
             self._tombstones.stored(key, tier.name)
             return

@@ -1,6 +1,8 @@
 """The one small interface every tier implements, and the hooks a store attaches to it.
 
-A tier maps ``BlockKey -> encoded block bytes`` (see ``kvfactory.store.codec``). It owns its
+A tier maps ``BlockKey -> encoded block bytes`` (see ``kvfactory.store.codec``) as
+``BlockBytes``: ``bytes``, or a read-only ``memoryview`` where a tier can hand out its data
+without copying it (the disk tier maps files). It owns its
 capacity and eviction (through an ``EvictionPolicy``), but it does not verify checksums,
 promote, or decide admission: ``ContextStore`` does that, identically for every tier.
 """
@@ -13,6 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvfactory._types import BlockKey
+
+BlockBytes = bytes | memoryview
+"""An encoded block as tiers return and accept it; read-only either way."""
 
 
 def _never_pinned(_key: BlockKey) -> bool:
@@ -77,11 +82,11 @@ class Tier(ABC):
     def contains(self, key: BlockKey) -> bool: ...
 
     @abstractmethod
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey) -> BlockBytes | None:
         """The stored bytes, or ``None``. Counts as an access for eviction."""
 
     @abstractmethod
-    def put(self, key: BlockKey, data: bytes) -> bool:
+    def put(self, key: BlockKey, data: BlockBytes) -> bool:
         """Store ``data``; evict as needed. ``False`` if it cannot fit at all."""
 
     @abstractmethod
@@ -102,14 +107,14 @@ class Tier(ABC):
     def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [self.contains(key) for key in keys]
 
-    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[BlockKey]) -> list[BlockBytes | None]:
         return [self.get(key) for key in keys]
 
-    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
+    def put_many(self, items: Iterable[tuple[BlockKey, BlockBytes]]) -> list[bool]:
         return [self.put(key, data) for key, data in items]
 
     def delete_many(self, keys: Sequence[BlockKey]) -> int:
         return sum(1 for key in keys if self.delete(key))
 
 
-__all__ = ["Tier", "TierHooks", "TierStats", "TransferCost"]
+__all__ = ["BlockBytes", "Tier", "TierHooks", "TierStats", "TransferCost"]

@@ -29,12 +29,13 @@ from kvfactory._types import DIGEST_SIZE, BlockKey
 from kvfactory.errors import BlockFormatError, StoreError
 from kvfactory.store.codec import peek_header
 from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
-from kvfactory.store.tiers.base import Tier, TierStats, TransferCost
+from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
 
 DEFAULT_DISK_READ_COST = TransferCost(latency_s=1e-4, bytes_per_s=1.5e9)
 BLOCK_SUFFIX = ".kvb"
 TEMP_SUFFIX = ".tmp"
 _KEY_HEX = 2 * DIGEST_SIZE
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in lazily
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,7 @@ class DiskTier(Tier):
         sizes = self._sizes
         return [key in sizes for key in keys]
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey) -> BlockBytes | None:
         with self._lock:
             self._check_open()
             size = self._sizes.get(key)
@@ -185,10 +186,10 @@ class DiskTier(Tier):
 
     # --------------------------------------------------------------------- writing
 
-    def put(self, key: BlockKey, data: bytes) -> bool:
+    def put(self, key: BlockKey, data: BlockBytes) -> bool:
         return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
+    def put_many(self, items: Iterable[tuple[BlockKey, BlockBytes]]) -> list[bool]:
         pending = [(key, data, peek_header(data)) for key, data in items]
         with self._lock:
             self._check_open()
@@ -230,7 +231,9 @@ class DiskTier(Tier):
             on_evict(key, self.name)
         return [item is not None for item in staged]
 
-    def _write_temp(self, key: BlockKey, data: bytes, chunk_index: int, parent: bytes) -> _Staged:
+    def _write_temp(
+        self, key: BlockKey, data: BlockBytes, chunk_index: int, parent: bytes
+    ) -> _Staged:
         with self._lock:
             stamp = self._next_stamp()
         final = self.path_of(key)
@@ -354,9 +357,22 @@ class DiskTier(Tier):
             os.close(fd)
 
 
-def _read_file(path: Path, size: int) -> bytes:
+def _read_file(path: Path, size: int) -> BlockBytes:
+    """The file's bytes: a read-only map of it when it has the indexed size.
+
+    Mapping with ``MAP_POPULATE`` fills the page tables from the page cache in one call:
+    no copy, and no page fault per 4 KiB, which is what reading into fresh heap memory
+    costs (~15-35 us each on a VM; ~0.25 s per 94 MB prompt measured against ~12 ms).
+    Files are replaced by rename and removed by unlink, never rewritten in place, so a map
+    stays valid after the block leaves the tier. A file of another size is read instead:
+    its checksum then fails and the store treats it as corrupt. A live map holds a file
+    descriptor (CPython dups it) until its last view is dropped; the store's callers copy
+    a load into their own buffers and drop it, so a load holds one per block at most."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if size > 0 and os.fstat(fd).st_size == size:
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
+            return memoryview(mapped)
         data = os.read(fd, size)
         if len(data) == size:
             return data

@@ -17,7 +17,7 @@ from kvfactory._types import BlockKey
 from kvfactory.errors import StoreError
 from kvfactory.store.codec import peek_header
 from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
-from kvfactory.store.tiers.base import Tier, TierStats, TransferCost
+from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
 
 DEFAULT_MEMORY_READ_COST = TransferCost(latency_s=1e-6, bytes_per_s=8e9)
 
@@ -64,7 +64,7 @@ class MemoryTier(Tier):
         with self._lock:
             return self._get_locked(key)
 
-    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[BlockKey]) -> list[BlockBytes | None]:
         with self._lock:
             return [self._get_locked(key) for key in keys]
 
@@ -77,12 +77,13 @@ class MemoryTier(Tier):
         self._policy.on_access(key)
         return data
 
-    def put(self, key: BlockKey, data: bytes) -> bool:
+    def put(self, key: BlockKey, data: BlockBytes) -> bool:
         return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
+    def put_many(self, items: Iterable[tuple[BlockKey, BlockBytes]]) -> list[bool]:
         # Headers are parsed before taking the lock: bad bytes raise and change nothing.
-        parsed = [(key, data, peek_header(data)) for key, data in items]
+        # A view (a mapped disk file) is copied: this tier owns what it holds.
+        parsed = [(key, owned, peek_header(owned)) for key, owned in map(_owned, items)]
         results: list[bool] = []
         evicted: list[BlockKey] = []
         with self._lock:
@@ -166,6 +167,11 @@ class MemoryTier(Tier):
 
     def close(self) -> None:
         self.clear()
+
+
+def _owned(item: tuple[BlockKey, BlockBytes]) -> tuple[BlockKey, bytes]:
+    key, data = item
+    return key, data if isinstance(data, bytes) else bytes(data)
 
 
 __all__ = ["DEFAULT_MEMORY_READ_COST", "MemoryTier"]

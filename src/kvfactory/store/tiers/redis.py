@@ -47,7 +47,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from kvfactory._types import DIGEST_SIZE, BlockKey
-from kvfactory.store.tiers.base import Tier, TierStats, TransferCost
+from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
 from kvfactory.store.tiers.health import TierHealth
 from kvfactory.store.tiers.redis_url import RedisEndpoint, parse_remote_url
 from kvfactory.telemetry.incidents import IncidentLog
@@ -142,10 +142,10 @@ class RedisTier(Tier):
     def contains(self, key: BlockKey) -> bool:
         return self.contains_many([key])[0]
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey) -> BlockBytes | None:
         return self.get_many([key])[0]
 
-    def put(self, key: BlockKey, data: bytes) -> bool:
+    def put(self, key: BlockKey, data: BlockBytes) -> bool:
         return self.put_many([(key, data)])[0]
 
     def delete(self, key: BlockKey) -> bool:
@@ -155,17 +155,19 @@ class RedisTier(Tier):
         ops = [(name, 0, _exists(name)) for name in map(self._name, keys)]
         return [reply == 1 for reply in self._replies(ops)]
 
-    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[BlockKey]) -> list[BlockBytes | None]:
         read = _getex(self._ttl_s) if self._refresh_ttl else _get
         ops = [(name, self._block_bytes, read(name)) for name in map(self._name, keys)]
-        out = [reply if isinstance(reply, bytes) else None for reply in self._replies(ops)]
+        out: list[BlockBytes | None] = [
+            reply if isinstance(reply, bytes) else None for reply in self._replies(ops)
+        ]
         hits = [value for value in out if value is not None]
         if hits:
             self._block_bytes = len(hits[-1])
         self._count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(map(len, hits)))
         return out
 
-    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> list[bool]:
+    def put_many(self, items: Iterable[tuple[BlockKey, BlockBytes]]) -> list[bool]:
         pairs = list(items)
         if self._max_bytes is not None and self._refuse_over_budget():
             self._count(put_refused=len(pairs))
@@ -438,7 +440,7 @@ def _getex(ttl_s: int | None) -> Callable[[bytes], _Queue]:
     return lambda name: lambda pipe: pipe.getex(name, ex=ttl_s)
 
 
-def _set(name: bytes, data: bytes, ttl_s: int | None) -> _Queue:
+def _set(name: bytes, data: BlockBytes, ttl_s: int | None) -> _Queue:
     return lambda pipe: pipe.set(name, data, ex=ttl_s)
 
 
