@@ -39,6 +39,7 @@ from kvfactory.bench.runner import Endpoint, RunOptions, Shot, run_cursors, star
 from kvfactory.bench.servers import ServerStartError, free_port, running_process
 from kvfactory.bench.workloads import multi_round_qa
 from kvfactory.config import load_settings
+from kvfactory.engines.vllm_kv.launcher import vllm_dtype
 
 MODEL = "SmolLM2-135M-Instruct"
 CPU_ENV = {
@@ -76,7 +77,7 @@ VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "pyth
 
 def _vllm(port: int, workdir: Path) -> list[str]:
     return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--port", str(port),
-            "--model", str(_model_dir()), "--served-model-name", MODEL, "--dtype", "bfloat16",
+            "--model", str(_model_dir()), "--served-model-name", MODEL, "--dtype", vllm_dtype(),
             "--enable-prefix-caching", "--enforce-eager", "--max-model-len", "8192",
             "--block-size", "128", "--enable-prompt-tokens-details"]  # fmt: skip
 

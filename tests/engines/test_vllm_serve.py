@@ -26,7 +26,7 @@ from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_heal
 from kvfactory.config import Settings
 from kvfactory.engines.base import FinishEvent, TokenEvent, Usage
 from kvfactory.engines.vllm_kv.http_engine import CompletionStream, cache_salt
-from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, cpu_list, find_vllm_python
+from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, cpu_list, find_vllm_python, vllm_dtype
 from kvfactory.errors import ConfigError, EngineError, InvalidRequestError
 from model_dir import default_model_dir
 
@@ -481,6 +481,18 @@ def test_cpu_list_compacts_ranges() -> None:
     assert cpu_list({0, 1}) == "0-1"
     assert cpu_list({5, 0, 1, 2, 7, 8}) == "0-2,5,7-8"
     assert cpu_list({3}) == "3"
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    on_gpu = Path("/dev/nvidiactl").exists()
+    assert vllm_dtype("auto", amx) == "bfloat16"
+    assert vllm_dtype("auto", avx2) == ("bfloat16" if on_gpu else "float32")
+    assert vllm_dtype("auto", tmp_path / "missing") == "bfloat16"
+    assert vllm_dtype("float16", avx2) == "float16"
 
 
 def test_cache_salt_is_the_tenant_salt_within_vllms_limit() -> None:

@@ -26,9 +26,11 @@ from typing import Any
 def build_llm(options: dict[str, Any]) -> Any:
     from vllm import LLM
 
+    from kvfactory.engines.vllm_kv.launcher import vllm_dtype
+
     kwargs: dict[str, Any] = {
         "model": options["model"],
-        "dtype": options.get("dtype", "bfloat16"),
+        "dtype": vllm_dtype(options.get("dtype", "auto")),
         "max_model_len": options.get("max_model_len", 4096),
         "block_size": options.get("block_size", 128),
         "enforce_eager": True,

@@ -65,6 +65,28 @@ def find_vllm_python(configured: Path | None) -> Path:
     raise ConfigError(NOT_INSTALLED)
 
 
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def vllm_dtype(requested: str = "auto", cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The compute dtype for vLLM: ``requested`` unless it is ``"auto"``.
+
+    ``"auto"`` is bfloat16 where it is fast: on a GPU, and on CPUs with bf16 instructions
+    (AVX512-BF16, AMX), where vLLM's CPU kernels run bf16 natively. Elsewhere (AVX2-only
+    CPUs) bf16 is emulated and float32 prefills ~4x faster (2k tokens of SmolLM2: 5.3 s
+    against 21 s measured on a 2-core AMD EPYC), so it is float32."""
+    if requested != "auto":
+        return requested
+    if Path("/dev/nvidiactl").exists():
+        return "bfloat16"
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "bfloat16"
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return "bfloat16" if _BF16_CPU_FLAGS & set(flags.split()) else "float32"
+
+
 def cpu_list(cpus: set[int]) -> str:
     """``{0, 1, 2, 5}`` -> ``"0-2,5"``: the format of ``VLLM_CPU_OMP_THREADS_BIND``."""
     ordered = sorted(cpus)
@@ -133,8 +155,7 @@ class VLLMLaunch:
             python=find_vllm_python(settings.vllm_python),
             model_dir=model_dir,
             served_model_name=settings.served_model_name or model_dir.name,
-            # vLLM's CPU attention wants bf16; "auto" would pick the folder's dtype
-            dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,
+            dtype=vllm_dtype(settings.dtype),
             max_model_len=settings.vllm_max_model_len,
             kv_transfer_config=transfer,
             env={
@@ -317,4 +338,5 @@ __all__ = [
     "cpu_list",
     "find_vllm_python",
     "free_port",
+    "vllm_dtype",
 ]
