@@ -371,8 +371,9 @@ def _read_file(path: Path, size: int) -> BlockBytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if size > 0 and os.fstat(fd).st_size == size:
-            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
-            return memoryview(mapped)
+            with contextlib.suppress(OSError):  # a filesystem that cannot map: read it
+                flags = mmap.MAP_SHARED | _MAP_POPULATE
+                return memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ))
         data = os.read(fd, size)
         if len(data) == size:
             return data
