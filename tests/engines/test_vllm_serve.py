@@ -343,7 +343,7 @@ def _vllm_metric(gateway: Gateway, name: str) -> float:
 def test_closing_a_stream_aborts_the_vllm_request(gateway: Gateway) -> None:
     body = {
         "model": gateway.model,
-        "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
         "max_tokens": 300,
         "temperature": 0,
     }
