@@ -17,9 +17,13 @@ def local_store(directory: Path, **options: object) -> ContextStore:
     return ContextStore(tiers, chunk_tokens=16, **options)  # type: ignore[arg-type]
 
 
-def flip_payload_byte(disk_dir: Path, block: KVBlock) -> Path:
+def block_file(disk_dir: Path, block: KVBlock) -> Path:
     digest = block.key.hex()
-    path = disk_dir / digest[:2] / f"{digest}.kvb"
+    return disk_dir / digest[:2] / f"{digest}.kvb"
+
+
+def flip_payload_byte(disk_dir: Path, block: KVBlock) -> Path:
+    path = block_file(disk_dir, block)
     data = bytearray(path.read_bytes())
     data[len(data) - 16 - 5] ^= 0x40  # inside the payload, so the header still parses
     path.write_bytes(bytes(data))
@@ -72,8 +76,7 @@ def test_a_truncated_block_file_is_a_miss_not_a_short_read(
     blocks = make_blocks(tokens, namespace)
     with local_store(tmp_path) as writer:
         writer.put_many(blocks)
-    digest = blocks[1].key.hex()
-    path = tmp_path / digest[:2] / f"{digest}.kvb"
+    path = block_file(tmp_path, blocks[1])
     with local_store(tmp_path) as store:
         result = store.lookup(tokens, namespace)  # indexed at its full size
         path.write_bytes(path.read_bytes()[:-100])
@@ -89,7 +92,7 @@ def test_a_block_under_the_wrong_key_is_corrupt(
     blocks = make_blocks(tokens, namespace)
     with local_store(tmp_path) as writer:
         writer.put_many(blocks)
-    first, second = (tmp_path / b.key.hex()[:2] / f"{b.key.hex()}.kvb" for b in blocks)
+    first, second = (block_file(tmp_path, b) for b in blocks)
     second.write_bytes(first.read_bytes())  # a valid block, filed under another key
 
     incidents = IncidentLog()

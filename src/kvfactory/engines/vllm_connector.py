@@ -21,9 +21,9 @@ Scheduler side (``plan.TransferPlanner``): ``get_num_new_matched_tokens`` is a
 ``build_connector_meta`` sends the loads and the chunks that become fully computed this
 step. Worker side: ``start_load_kv`` reads and verifies every block of the step's loads
 and copies them into the paged tensors before the forward starts (on the CPU without
-promoting them into the store's memory tier: vLLM's KV space holds them) — on the CPU
-the copy shares the cores the forward would use, so there is nothing to overlap layer by layer;
-a block that fails its checksum or is gone is reported by
+promoting them into the store's memory tier: vLLM's KV space holds them) — on the CPU the
+copy shares the cores the forward would use, so there is nothing to overlap layer by
+layer; a block that fails its checksum or is gone is reported by
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (``kv_load_failure_policy:
 recompute``; with vLLM's default ``fail`` the request fails instead — never wrong
 output). ``wait_for_save`` copies the step's newly complete chunks out of the paged
