@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvfactory._types import ModelFingerprint
+from kvfactory.engines.vllm_kv.identity import SaltNamespaces
 from kvfactory.engines.vllm_kv.paged import PagedKV, block_dim_of, consecutive_runs
 from kvfactory.engines.vllm_kv.plan import TransferPlanner
 from kvfactory.errors import ConfigError
@@ -125,6 +126,20 @@ def test_other_namespaces_do_not_match(store: ContextStore, ns: Namespace) -> No
     other = Namespace.create(ns.fingerprint, b"tenant-b", tenant="b")
     assert planner.matched_tokens("r", prompt, other, 0) == 0
     assert planner.matched_tokens("r", prompt, ns, 0) == 16
+
+
+def test_salt_namespaces_are_distinct_stable_and_bounded(ns: Namespace) -> None:
+    book = SaltNamespaces(ns.fingerprint, capacity=2)
+    a, b = book.for_salt("a"), book.for_salt("b")
+    assert book.for_salt("a") is a  # remembered, and now the most recent
+    c = book.for_salt("c")  # over capacity: "b", the least recent, is forgotten
+    assert len(book) == 2 and book.for_salt("a") is a
+    again = book.for_salt("b")
+    assert again is not b and again.id == b.id  # derived again, to the same namespace
+    assert len({a.id, b.id, c.id, book.for_salt(None).id}) == 4
+    assert (a.tenant, book.for_salt(None).tenant) == ("salted", "default")
+    with pytest.raises(ValueError, match="capacity"):
+        SaltNamespaces(ns.fingerprint, capacity=0)
 
 
 @pytest.mark.parametrize(

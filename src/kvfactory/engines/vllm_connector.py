@@ -50,7 +50,7 @@ from kvfactory.config import Settings, load_settings
 from kvfactory.engines.host_memory import reserve_and_report
 from kvfactory.engines.vllm_kv import shared_store
 from kvfactory.engines.vllm_kv.identity import (
-    NamespaceBook,
+    SaltNamespaces,
     VLLMModelIdentity,
     model_fingerprint,
 )
@@ -140,7 +140,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         fingerprint = model_fingerprint(
             self._identity, chunk_tokens=self._store.chunk_tokens, home=self._settings.home
         )
-        self._namespaces = NamespaceBook(fingerprint)
+        self._namespaces = SaltNamespaces(fingerprint)
         self._blocks_per_chunk = self._store.chunk_tokens // self._block_size
         # scheduler side
         self._planner = TransferPlanner(

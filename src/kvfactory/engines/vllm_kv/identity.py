@@ -13,6 +13,7 @@ values passed in.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,21 +82,34 @@ def model_fingerprint(
     )
 
 
-class NamespaceBook:
-    """Namespaces by ``cache_salt``, derived once each."""
+class SaltNamespaces:
+    """Namespaces by ``cache_salt``, derived once each and remembered for the most recent
+    ``capacity`` salts. A client talking to vLLM directly may send a fresh salt on every
+    request; forgetting the oldest keeps a long-running server's memory flat, and a
+    forgotten salt's namespace is derived again (one hash) when it returns."""
 
-    def __init__(self, fingerprint: ModelFingerprint) -> None:
+    def __init__(self, fingerprint: ModelFingerprint, capacity: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
         self.fingerprint = fingerprint
-        self._by_salt: dict[str | None, Namespace] = {}
+        self.capacity = capacity
+        self._by_salt: OrderedDict[str | None, Namespace] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_salt)
 
     def for_salt(self, cache_salt: str | None) -> Namespace:
         found = self._by_salt.get(cache_salt)
-        if found is None:
-            salt = cache_salt.encode("utf-8") if cache_salt else b""
-            tenant = "salted" if cache_salt else DEFAULT_TENANT
-            found = Namespace.create(self.fingerprint, tenant_salt=salt, tenant=tenant)
-            self._by_salt[cache_salt] = found
+        if found is not None:
+            self._by_salt.move_to_end(cache_salt)
+            return found
+        salt = cache_salt.encode("utf-8") if cache_salt else b""
+        tenant = "salted" if cache_salt else DEFAULT_TENANT
+        found = Namespace.create(self.fingerprint, tenant_salt=salt, tenant=tenant)
+        self._by_salt[cache_salt] = found
+        if len(self._by_salt) > self.capacity:
+            self._by_salt.popitem(last=False)
         return found
 
 
-__all__ = ["NamespaceBook", "VLLMModelIdentity", "model_fingerprint"]
+__all__ = ["SaltNamespaces", "VLLMModelIdentity", "model_fingerprint"]
