@@ -11,7 +11,7 @@ PORT   ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: serve serve-shared test lint typecheck redis-server postgres-server vllm bench bench-store bench-ttft bench-remote \
-	bench-simulate bench-gateway clean install-serve install-dev
+	bench-simulate bench-gateway bench-peers clean install-serve install-dev
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,18 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# llama-cpp-python's server, a peer in benchmarks/peers.py: built from source with AMX off
+# (its AMX kernels crash decoding on Intel AMX hosts), AVX-512 only where the CPU has it.
+LLAMA_CPP := llama-cpp-python[server]==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=$(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF) \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
+$(VENV)/.llama-cpp: $(VENV)/.dev
+	command -v c++ >/dev/null || (apt-get update -q && apt-get install -yq g++)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q '$(LLAMA_CPP)'
+	touch $@
+
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
@@ -77,6 +89,10 @@ bench-simulate: $(VENV)/.dev
 
 bench-gateway: $(VENV)/.dev
 	$(PY) benchmarks/gateway_overhead.py
+
+# every peer of the README's table: kvfactory, kvfactory + vLLM, vLLM alone, llama.cpp
+bench-peers: $(VENV)/.llama-cpp vllm
+	$(PY) benchmarks/peers.py
 
 bench: bench-store bench-simulate bench-remote bench-ttft
 
