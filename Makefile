@@ -57,16 +57,9 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-# llama-cpp-python's server, a peer in benchmarks/peers.py: built from source with AMX off
-# (its AMX kernels crash decoding on Intel AMX hosts), AVX-512 only where the CPU has it.
-LLAMA_CPP := llama-cpp-python[server]==0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=$(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF) \
-	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-
+# llama-cpp-python's server (built with AMX off), a peer in benchmarks/peers.py.
 $(VENV)/.llama-cpp: $(VENV)/.dev
-	command -v c++ >/dev/null || (apt-get update -q && apt-get install -yq g++)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q '$(LLAMA_CPP)'
+	bash scripts/llama_cpp.sh install
 	touch $@
 
 typecheck: $(VENV)/.dev

@@ -14,15 +14,8 @@ set -euo pipefail
 
 die() { echo "postgres.sh: $*" >&2; exit 1; }
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo -n "$@" || die "need root to run: $* (sudo -n failed)"
-  else
-    die "need root (or sudo) to run: $*"
-  fi
-}
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 bin_dir() {
   if command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then
@@ -37,9 +30,7 @@ bin_dir() {
 
 cmd_install() {
   bin_dir >/dev/null && return 0
-  command -v apt-get >/dev/null 2>&1 || die "PostgreSQL is missing and apt-get is not available; install postgresql by hand"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  apt_install PostgreSQL postgresql postgresql
   bin_dir >/dev/null || die "initdb/pg_ctl still missing after apt-get install postgresql"
   # The Debian package may start a system cluster on 5432; the tests never use it.
 }

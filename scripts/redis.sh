@@ -12,23 +12,14 @@ set -euo pipefail
 
 die() { echo "redis.sh: $*" >&2; exit 1; }
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo -n "$@" || die "need root to run: $* (sudo -n failed)"
-  else
-    die "need root (or sudo) to run: $*"
-  fi
-}
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 cmd_install() {
   if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
     return 0
   fi
-  command -v apt-get >/dev/null 2>&1 || die "redis-server is missing and apt-get is not available; install redis-server (>= 6) by hand"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  apt_install redis-server "redis-server (>= 6)" redis-server
   command -v redis-server >/dev/null 2>&1 || die "redis-server still not on PATH after apt-get install"
   # The Debian package may start a system service on 6379; tests never use it.
 }
