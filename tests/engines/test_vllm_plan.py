@@ -119,6 +119,28 @@ def test_prompt_only_saves_and_stored_chunks_are_skipped(
     assert planner.finished("r") is True
 
 
+def test_a_failed_load_makes_its_chunks_savable_again(store: ContextStore, ns: Namespace) -> None:
+    planner = TransferPlanner(store, block_size=BLOCK)
+    prompt = list(range(600, 630))  # 30 tokens: chunks 0-1 stored, chunk 2 computed
+    put_chunks(store, prompt, ns, 2)
+    keys = chunk_keys(prompt, ns)
+    assert planner.matched_tokens("r", prompt, ns, 0) == 16
+    planner.allocated("r", 16)
+    blocks = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert planner.take_load("r", blocks) is not None
+    in_failing_step = planner.take_save("r", prompt, 30, len(prompt), blocks)
+    assert in_failing_step is not None  # the worker drops it: computed over the bad load
+    assert [c.chunk_index for c in in_failing_step.chunks] == [2]
+
+    assert planner.loads_failed({99}) == []
+    store.tiers[0].delete(keys[1])  # the store dropped the block that failed its check
+    assert planner.loads_failed({12, 13}) == ["r"]
+    assert planner.loads_failed({12, 13}) == []  # reported once
+    recomputed = planner.take_save("r", prompt, 30, len(prompt), blocks)
+    assert recomputed is not None
+    assert [c.chunk_index for c in recomputed.chunks] == [1, 2]  # chunk 0 is still stored
+
+
 def test_other_namespaces_do_not_match(store: ContextStore, ns: Namespace) -> None:
     planner = TransferPlanner(store, block_size=BLOCK)
     prompt = list(range(500, 520))

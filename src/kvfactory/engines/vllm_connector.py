@@ -19,14 +19,18 @@ Scheduler side (``plan.TransferPlanner``): ``get_num_new_matched_tokens`` is a
 ``cache_salt``), in whole store chunks beyond vLLM's local prefix-cache hit;
 ``update_state_after_alloc`` turns a granted hit into a load of the allocated blocks;
 ``build_connector_meta`` sends the loads and the chunks that become fully computed this
-step. Worker side: ``start_load_kv`` reads and verifies every block of the step's loads
-and copies them into the paged tensors before the forward starts (on the CPU without
-promoting them into the store's memory tier: vLLM's KV space holds them) — on the CPU the
-copy shares the cores the forward would use, so there is nothing to overlap layer by
-layer; a block that fails its checksum or is gone is reported by
-``get_block_ids_with_load_errors`` and vLLM recomputes it (``kv_load_failure_policy:
-recompute``; with vLLM's default ``fail`` the request fails instead — never wrong
-output). ``wait_for_save`` copies the step's newly complete chunks out of the paged
+step (and the requests whose failed load vLLM now recomputes). Worker side:
+``start_load_kv`` reads and verifies every block of the step's loads and copies them into
+the paged tensors before the forward starts (on the CPU without promoting them into the
+store's memory tier: vLLM's KV space holds them). On the CPU the copy shares the cores the
+forward would use; copying layer by layer on a thread under the forward, and verifying
+checksums behind the copy, were both measured slower here than this synchronous load. A
+block that fails its checksum or is gone is reported by ``get_block_ids_with_load_errors``
+and vLLM recomputes it (``kv_load_failure_policy: recompute``; with vLLM's default
+``fail`` the request fails instead), and the request's saves are skipped until the
+scheduler reports it recovered, so nothing computed over the bad block is stored; the
+recomputed chunks are then saved again — never wrong output, never a wrong stored block.
+``wait_for_save`` copies the step's newly complete chunks out of the paged
 tensors into the store right after the forward; the store writes them through to disk and
 remote tiers on its own bounded background queue, so no vLLM block is held after the step
 and ``get_finished`` never has requests to report.
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvfactory.vllm")
@@ -76,9 +81,12 @@ CONNECTOR_OPTIONS = frozenset({"save_generated"})
 class KVFactoryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     """What the scheduler tells the workers for one step."""
 
-    def __init__(self, loads: list[LoadSpec], saves: list[SaveSpec]) -> None:
+    def __init__(self, loads: list[LoadSpec], saves: list[SaveSpec], recovered: list[str]) -> None:
         self.loads = loads
         self.saves = saves
+        self.recovered = recovered
+        """Requests whose failed load the scheduler has seen (vLLM recomputes them from
+        this step on), so their saves are trusted again."""
 
 
 def connector_settings(extra: dict[str, Any]) -> Settings:
@@ -150,9 +158,13 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         )
         self._requests: dict[str, Request] = {}
         self._pending_loads: list[LoadSpec] = []
+        self._recovered: list[str] = []
         # worker side
         self._paged: PagedKV | None = None
         self._load_errors: set[int] = set()
+        self._tainted: set[str] = set()
+        """Requests whose load failed: KV computed over it is not saved until vLLM has
+        recomputed (the scheduler says so through ``recovered``)."""
         self.counters = {"hit_tokens": 0, "loaded_chunks": 0, "saved_chunks": 0, "load_errors": 0}
         log.info(
             "kvfactory connector (%s) on store %s, chunk %d tokens, layout %s",
@@ -211,7 +223,13 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if spec is not None:
                 saves.append(spec)
         loads, self._pending_loads = self._pending_loads, []
-        return KVFactoryConnectorMetadata(loads, saves)
+        recovered, self._recovered = self._recovered, []
+        return KVFactoryConnectorMetadata(loads, saves, recovered)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        invalid = connector_output.invalid_block_ids
+        if invalid:
+            self._recovered += self._planner.loads_failed(set(invalid))
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -236,6 +254,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVFactoryConnectorMetadata)
+        self._tainted.difference_update(metadata.recovered)
         for spec in metadata.loads:
             self._load(spec)
 
@@ -269,6 +288,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             written += count
         if loaded < len(spec.chunks):
             self._load_errors.update(targets[written:])
+            self._tainted.add(spec.request_id)
             self.counters["load_errors"] += len(spec.chunks) - loaded
         self.counters["loaded_chunks"] += loaded
 
@@ -290,6 +310,9 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVFactoryConnectorMetadata)
         for spec in metadata.saves:
+            if spec.request_id in self._tainted:
+                log.info("request %s: not saving KV computed over a failed load", spec.request_id)
+                continue
             self._save(spec)
 
     def _save(self, spec: SaveSpec) -> None:

@@ -6,14 +6,17 @@ Three engine processes share one store directory:
   cold and fills the store; the second is served by vLLM's own prefix cache and is the
   reference every later output must equal (DESIGN.md: with vLLM, exactness is judged
   against its prefix cache, which is itself not bit-identical to a cold prefill);
-* one stored block is then corrupted on disk;
-* **second** (fresh process, empty local cache) must get its prefix hits from the store;
-* **third** (fresh, a KV cache too small for its batch) must survive preemption.
+* two stored blocks are then corrupted on disk;
+* **second** (fresh process, empty local cache) must get its prefix hits from the store,
+  and recompute what fails its checksum without storing KV computed over it;
+* **third** (fresh, a KV cache too small for its batch) must survive preemption and be
+  served correct blocks for what the second process recomputed.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
 
+from kvfactory.store.codec import verify_checksum
 from model_dir import default_model_dir
 
 pytestmark = [
@@ -42,7 +46,10 @@ PROMPTS = {
     "four_chunks": synthetic_prompt(1100, seed=3),
     "to_corrupt": synthetic_prompt(800, seed=4),
     "salted": synthetic_prompt(700, seed=5),
+    "corrupt_base": synthetic_prompt(600, seed=8),
 }
+# completes a third chunk in the very step that loads the (corrupted) first two
+CORRUPT_EXTENDED = PROMPTS["corrupt_base"] + synthetic_prompt(300, seed=9)
 BATCH = [synthetic_prompt(520 + 40 * i, seed=10 + i) for i in range(4)]
 EXTENDED = PROMPTS["two_chunks"] + synthetic_prompt(300, seed=6)
 PREEMPT_WORDS = ("harbor", "orchard", "foundry", "library")
@@ -60,6 +67,16 @@ def counting_prompt(model_dir: Path, word: str, length: int) -> list[int]:
     return ids[:length]
 
 
+def restored(path: Path, timeout: float = 30.0) -> bool:
+    """The block file at ``path`` is whole again (the store writes disk copies behind)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and verify_checksum(path.read_bytes()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def store_hit(tokens: list[int]) -> int:
     """What the store can serve: whole chunks, never the last prompt token."""
     return (len(tokens) - 1) // CHUNK * CHUNK
@@ -72,6 +89,7 @@ class Stage:
     reference: dict[str, list[int]] = field(default_factory=dict)
     batch_reference: list[list[int]] = field(default_factory=list)
     corrupted: Path | None = None
+    corrupted_base: Path | None = None
 
     def options(self, model: Path, **extra: Any) -> dict[str, Any]:
         return {
@@ -122,19 +140,28 @@ def stage(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Stage:
             if len(prompt) > BLOCK:  # vLLM's own prefix cache served the second run
                 assert cached(warm) > 0, name
             stage.reference[name] = tokens(warm)
-            if name == "to_corrupt":
+            if name in ("to_corrupt", "corrupt_base"):
                 first.call({"op": "counters"})
                 new_files = stage.block_files() - before
                 assert new_files, "the first process stored no block for the prompt"
-                stage.corrupted = sorted(new_files)[0]
+                if name == "to_corrupt":
+                    stage.corrupted = sorted(new_files)[0]
+                else:
+                    stage.corrupted_base = sorted(new_files)[0]
             del cold
+        # under another salt, so the unsalted prompt's chunks stay out of the store
+        for _ in range(2):
+            reply = first.generate([CORRUPT_EXTENDED], MAX_TOKENS, ["reference-only"])
+        stage.reference["corrupt_extended"] = tokens(reply)
         first.generate(BATCH, MAX_TOKENS)
         stage.batch_reference = [tokens(first.generate(BATCH, MAX_TOKENS), i) for i in range(4)]
         assert first.counters()["saved_chunks"] > 0
-    assert stage.corrupted is not None
-    raw = bytearray(stage.corrupted.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    stage.corrupted.write_bytes(bytes(raw))
+    for path in (stage.corrupted, stage.corrupted_base):
+        assert path is not None
+        raw = bytearray(path.read_bytes())
+        third = len(raw) // 3  # every bit of the middle third of the KV flipped
+        raw[third : 2 * third] = bytes(b ^ 0xFF for b in raw[third : 2 * third])
+        path.write_bytes(bytes(raw))
     return stage
 
 
@@ -190,7 +217,29 @@ def test_a_corrupt_block_is_recomputed_and_recorded(stage: Stage, second: VLLMDr
     assert after["load_errors"] > before["load_errors"]
     kinds = [incident["kind"] for incident in stage.incidents()]
     assert "checksum_failure" in kinds
-    assert stage.corrupted is not None and not stage.corrupted.exists()
+    # the corrupt file was dropped, and the recomputed chunk stored again in its place
+    assert stage.corrupted is not None and restored(stage.corrupted)
+
+
+def test_nothing_computed_over_a_failed_load_is_stored(stage: Stage, second: VLLMDriver) -> None:
+    before = second.counters()
+    files_before = stage.block_files()
+    reply = second.generate([CORRUPT_EXTENDED], MAX_TOKENS)
+    assert tokens(reply) == stage.reference["corrupt_extended"]
+    assert second.counters()["load_errors"] > before["load_errors"]
+    # the corrupted chunk and the one computed in the failing step are stored once vLLM has
+    # recomputed them (test_recomputed_chunks_serve_a_fresh_process reads them)
+    assert stage.corrupted_base is not None and restored(stage.corrupted_base)
+    deadline = time.monotonic() + 30
+    while not stage.block_files() - files_before and time.monotonic() < deadline:
+        time.sleep(0.1)  # disk copies are written behind
+    assert stage.block_files() - files_before
+
+
+def test_recomputed_chunks_serve_a_fresh_process(stage: Stage, third: VLLMDriver) -> None:
+    fresh = third.generate([CORRUPT_EXTENDED], MAX_TOKENS)
+    assert cached(fresh) == store_hit(CORRUPT_EXTENDED)
+    assert tokens(fresh) == stage.reference["corrupt_extended"]
 
 
 def test_cache_salts_never_share(stage: Stage, second: VLLMDriver) -> None:
@@ -204,9 +253,10 @@ def test_cache_salts_never_share(stage: Stage, second: VLLMDriver) -> None:
     assert tokens(own) == stage.reference["salted"]
 
 
-def test_preempted_requests_finish_with_the_same_output(
+@pytest.fixture(scope="module")
+def third(
     stage: Stage, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+) -> Iterator[VLLMDriver]:
     log = tmp_path_factory.mktemp("vllm-third") / "third.log"
     # 16 usable blocks of 128 tokens (vLLM keeps one more as its null block) hold 2,048
     # tokens: four 500-token prompts growing by 48 tokens each cannot all stay resident,
@@ -214,10 +264,14 @@ def test_preempted_requests_finish_with_the_same_output(
     options = stage.options(
         model_dir, num_gpu_blocks=17, max_num_batched_tokens=2048, max_model_len=2048
     )
+    with VLLMDriver(options, log_path=log) as driver:
+        yield driver
+
+
+def test_preempted_requests_finish_with_the_same_output(model_dir: Path, third: VLLMDriver) -> None:
     batch = [counting_prompt(model_dir, word, 500) for word in PREEMPT_WORDS]
-    with VLLMDriver(options, log_path=log) as third:
-        alone = [tokens(third.generate([prompt], 48)) for prompt in batch]
-        together = third.generate(batch, 48)
-        preemptions = third.metrics().get("vllm:num_preemptions", 0.0)
+    alone = [tokens(third.generate([prompt], 48)) for prompt in batch]
+    together = third.generate(batch, 48)
+    preemptions = third.metrics().get("vllm:num_preemptions", 0.0)
     assert preemptions > 0, "the batch did not trigger preemption"
     assert [tokens(together, i) for i in range(4)] == alone

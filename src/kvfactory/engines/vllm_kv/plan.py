@@ -72,6 +72,10 @@ class _Tracked:
     pending_load: tuple[int, int] | None = None
     """(first token, end token) of a load granted but not yet sent to workers."""
     saves_emitted: int = 0
+    loaded_from_chunk: int = 0
+    """First chunk of the last load sent to workers."""
+    loaded_blocks: frozenset[int] = frozenset()
+    """vLLM blocks that load wrote."""
 
 
 class TransferPlanner:
@@ -150,7 +154,24 @@ class TransferPlanner:
             self._chunk_ref(tracked, index, block_ids) for index in range(first_chunk, last_chunk)
         )
         skip = (start - first_chunk * self._chunk) // self._block_size
-        return LoadSpec(request_id, bytes(tracked.namespace.id), chunks, skip_blocks=skip)
+        spec = LoadSpec(request_id, bytes(tracked.namespace.id), chunks, skip_blocks=skip)
+        tracked.loaded_from_chunk = first_chunk
+        tracked.loaded_blocks = frozenset(spec.target_block_ids)
+        return spec
+
+    def loads_failed(self, invalid_block_ids: set[int]) -> list[str]:
+        """Requests whose last load wrote one of ``invalid_block_ids`` (workers found them
+        corrupt or gone; vLLM recomputes them). Their chunks from the load's first one on
+        become candidates for saving again: the step that found the failure saved nothing
+        for them, and the recomputed chunks replace what was lost."""
+        failed: list[str] = []
+        for request_id, tracked in self._tracked.items():
+            if tracked.loaded_blocks.isdisjoint(invalid_block_ids):
+                continue
+            tracked.checked_chunks = min(tracked.checked_chunks, tracked.loaded_from_chunk)
+            tracked.loaded_blocks = frozenset()
+            failed.append(request_id)
+        return failed
 
     def take_save(
         self,
