@@ -186,6 +186,9 @@ def test_batched_calls_delete_and_clear(tmp_path: Path) -> None:
     missing = make_block("x")[0]
     assert tier.contains_many([*keys, missing]) == [True, True, True, False]
     assert tier.get_many([keys[0], missing]) == [blocks[0][1], None]
+    tier.path_of(keys[1]).unlink()  # gone behind the index: read-ahead and get both miss
+    assert tier.get_many(keys) == [blocks[0][1], None, blocks[2][1]]
+    assert tier.put_many(blocks[1:2]) == [True]
     assert tier.delete(keys[0]) and not tier.delete(keys[0])
     assert not tier.path_of(keys[0]).exists()
     assert tier.delete_many([keys[1], missing]) == 1
