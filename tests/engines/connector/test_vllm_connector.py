@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,19 @@ def counting_prompt(model_dir: Path, word: str, length: int) -> list[int]:
     return ids[:length]
 
 
-def restored(path: Path, timeout: float = 30.0) -> bool:
-    """The block file at ``path`` is whole again (the store writes disk copies behind)."""
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """``condition`` holds within ``timeout`` seconds (the store writes disk copies behind)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and verify_checksum(path.read_bytes()):
+        if condition():
             return True
         time.sleep(0.1)
     return False
+
+
+def restored(path: Path) -> bool:
+    """The block file at ``path`` is whole again."""
+    return eventually(lambda: path.exists() and verify_checksum(path.read_bytes()))
 
 
 def store_hit(tokens: list[int]) -> int:
@@ -88,8 +93,8 @@ class Stage:
     store_dir: Path
     reference: dict[str, list[int]] = field(default_factory=dict)
     batch_reference: list[list[int]] = field(default_factory=list)
-    corrupted: Path | None = None
-    corrupted_base: Path | None = None
+    corrupted: dict[str, Path] = field(default_factory=dict)
+    """Prompt name -> the first of its block files, corrupted before the second process."""
 
     def options(self, model: Path, **extra: Any) -> dict[str, Any]:
         return {
@@ -144,10 +149,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Stage:
                 first.call({"op": "counters"})
                 new_files = stage.block_files() - before
                 assert new_files, "the first process stored no block for the prompt"
-                if name == "to_corrupt":
-                    stage.corrupted = sorted(new_files)[0]
-                else:
-                    stage.corrupted_base = sorted(new_files)[0]
+                stage.corrupted[name] = sorted(new_files)[0]
             del cold
         # under another salt, so the unsalted prompt's chunks stay out of the store
         for _ in range(2):
@@ -156,8 +158,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Stage:
         first.generate(BATCH, MAX_TOKENS)
         stage.batch_reference = [tokens(first.generate(BATCH, MAX_TOKENS), i) for i in range(4)]
         assert first.counters()["saved_chunks"] > 0
-    for path in (stage.corrupted, stage.corrupted_base):
-        assert path is not None
+    assert stage.corrupted.keys() == {"to_corrupt", "corrupt_base"}
+    for path in stage.corrupted.values():
         raw = bytearray(path.read_bytes())
         third = len(raw) // 3  # every bit of the middle third of the KV flipped
         raw[third : 2 * third] = bytes(b ^ 0xFF for b in raw[third : 2 * third])
@@ -218,7 +220,7 @@ def test_a_corrupt_block_is_recomputed_and_recorded(stage: Stage, second: VLLMDr
     kinds = [incident["kind"] for incident in stage.incidents()]
     assert "checksum_failure" in kinds
     # the corrupt file was dropped, and the recomputed chunk stored again in its place
-    assert stage.corrupted is not None and restored(stage.corrupted)
+    assert restored(stage.corrupted["to_corrupt"])
 
 
 def test_nothing_computed_over_a_failed_load_is_stored(stage: Stage, second: VLLMDriver) -> None:
@@ -229,11 +231,8 @@ def test_nothing_computed_over_a_failed_load_is_stored(stage: Stage, second: VLL
     assert second.counters()["load_errors"] > before["load_errors"]
     # the corrupted chunk and the one computed in the failing step are stored once vLLM has
     # recomputed them (test_recomputed_chunks_serve_a_fresh_process reads them)
-    assert stage.corrupted_base is not None and restored(stage.corrupted_base)
-    deadline = time.monotonic() + 30
-    while not stage.block_files() - files_before and time.monotonic() < deadline:
-        time.sleep(0.1)  # disk copies are written behind
-    assert stage.block_files() - files_before
+    assert restored(stage.corrupted["corrupt_base"])
+    assert eventually(lambda: bool(stage.block_files() - files_before))
 
 
 def test_recomputed_chunks_serve_a_fresh_process(stage: Stage, third: VLLMDriver) -> None:
