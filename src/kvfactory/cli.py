@@ -266,7 +266,7 @@ class EngineKind:
     """How ``serve`` builds one kind of engine.
 
     ``opens_store``: the engine uses a store opened in this process. vLLM's process opens
-    the store itself (the disk tier is one process per directory), so the gateway must not.
+    the store itself; a second store in the gateway would only hold a second memory tier.
     """
 
     build: Callable[..., Any]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -43,6 +45,13 @@ def recorded_evictions(tier: DiskTier) -> list[BlockKey]:
     events: list[BlockKey] = []
     tier.attach(TierHooks(on_evict=lambda key, name: events.append(key)))
     return events
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def block_files(directory: Path) -> list[Path]:
@@ -159,7 +168,7 @@ def test_open_cleans_temp_files_and_unreadable_blocks(tmp_path: Path) -> None:
     empty_key = make_block("empty")[0]
     (tmp_path / empty_key.hex()[:2]).mkdir(exist_ok=True)
     (tmp_path / empty_key.hex()[:2] / f"{empty_key.hex()}.kvb").write_bytes(b"")
-    (folder / f".{torn_key.hex()}.123.0.tmp").write_bytes(torn[:100])
+    (folder / f".{torn_key.hex()}.{dead_pid()}.0.tmp").write_bytes(torn[:100])
     (tmp_path / "README").write_text("not ours, left alone")
 
     reopened = DiskTier(tmp_path, 1 << 20, fsync=False)

@@ -10,7 +10,9 @@ Three engine processes share one store directory:
 * **second** (fresh process, empty local cache) must get its prefix hits from the store,
   and recompute what fails its checksum without storing KV computed over it;
 * **third** (fresh, a KV cache too small for its batch) must survive preemption and be
-  served correct blocks for what the second process recomputed.
+  served correct blocks for what the second process recomputed;
+* second and third, both alive, must serve each other's new blocks through the directory
+  (replicas on one host).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ PROMPTS = {
     "salted": synthetic_prompt(700, seed=5),
     "corrupt_base": synthetic_prompt(600, seed=8),
 }
+REPLICATED = synthetic_prompt(600, seed=20)  # first computed by the third process
 # completes a third chunk in the very step that loads the (corrupted) first two
 CORRUPT_EXTENDED = PROMPTS["corrupt_base"] + synthetic_prompt(300, seed=9)
 BATCH = [synthetic_prompt(520 + 40 * i, seed=10 + i) for i in range(4)]
@@ -239,6 +242,20 @@ def test_recomputed_chunks_serve_a_fresh_process(stage: Stage, third: VLLMDriver
     fresh = third.generate([CORRUPT_EXTENDED], MAX_TOKENS)
     assert cached(fresh) == store_hit(CORRUPT_EXTENDED)
     assert tokens(fresh) == stage.reference["corrupt_extended"]
+
+
+def test_live_replicas_serve_each_others_new_blocks(
+    stage: Stage, second: VLLMDriver, third: VLLMDriver
+) -> None:
+    files_before = stage.block_files()
+    third.generate([REPLICATED], MAX_TOKENS)
+    reference = tokens(third.generate([REPLICATED], MAX_TOKENS))  # its own prefix cache
+    wanted = store_hit(REPLICATED) // CHUNK
+    assert eventually(lambda: len(stage.block_files() - files_before) >= wanted)
+    # the second process opened the directory long before these files were written
+    reply = second.generate([REPLICATED], MAX_TOKENS)
+    assert cached(reply) == store_hit(REPLICATED)
+    assert tokens(reply) == reference
 
 
 def test_cache_salts_never_share(stage: Stage, second: VLLMDriver) -> None:

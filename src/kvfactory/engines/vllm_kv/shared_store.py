@@ -2,12 +2,13 @@
 
 vLLM builds the connector twice — once with the scheduler role, once per worker — and in
 the usual single-GPU/CPU deployment both live in the engine-core process. They must use
-the same store: the disk tier is one process per directory, and the scheduler's lookups
-must see the blocks the worker saved a step ago. vLLM offers no way to hand an object from
-one to the other, so this module keeps a small reference-counted table keyed by the store
-directory; that table is the only process-wide state in kvfactory, and closing the last
-handle closes the store. Workers in other processes (tensor or pipeline parallel) would
-need their own stores and a shared index; the connector refuses them at start.
+the same store: the scheduler's lookups must see the blocks the worker saved a step ago,
+most of them still in the memory tier, and two stores would keep two memory tiers of the
+same blocks. vLLM offers no way to hand an object from one to the other, so this module
+keeps a small reference-counted table keyed by the store directory; that table is the only
+process-wide state in kvfactory, and closing the last handle closes the store. Workers in
+other processes (tensor or pipeline parallel) would each hold a shard of every block and
+need a per-rank layout; the connector refuses them at start.
 """
 
 from __future__ import annotations

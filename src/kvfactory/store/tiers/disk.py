@@ -3,14 +3,22 @@
 Layout: ``<dir>/<first two hex digits of the key>/<key hex>.kvb`` (fan-out folders are made
 on first use). A put writes ``.<key hex>.<pid>.<n>.tmp`` in the block's folder, fsyncs it,
 ``os.replace``s it into place and fsyncs the folder, so a reader (or a process after a
-crash) sees either no file or the whole block, never a torn one. Temp files left by a crash
-are deleted at open, as is any ``.kvb`` file whose header cannot be parsed (counted in
-``stats().extra``).
+crash) sees either no file or the whole block, never a torn one. Temp files left by a
+crashed writer are deleted at open (a temp file whose writer process is still alive is
+left to it unless it is over an hour old), as is any ``.kvb`` file whose header cannot be
+parsed (counted in ``stats().extra``).
 
 Recency survives restarts through file mtimes: every put and every hit stamps the file
 with a strictly increasing nanosecond time (one ``utime`` per hit), and the index is
 rebuilt in mtime order. The tier does not verify checksums (the store does, since
-``verify_on_read`` is True) and knows nothing of other tiers. One process per directory.
+``verify_on_read`` is True) and knows nothing of other tiers.
+
+Several processes may share one directory (replicas on one host, ``kvfactory store
+stats`` beside a running server). Each keeps its own index: a key it does not hold is
+looked for on disk (one ``stat``) and adopted when another process wrote it; a file
+another process evicted or deleted is a miss and leaves the index. Each process enforces
+its own byte budget over the files it knows, so the smallest budget among them governs the
+directory; recency is each process's own, rebuilt from the shared mtimes at open.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ TEMP_SUFFIX = ".tmp"
 _KEY_HEX = 2 * DIGEST_SIZE
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in lazily
 _FADV_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)  # not on macOS
+# A temp file this old is a leftover even if a process with its writer's pid is alive:
+# after a container restart the new server often gets the crashed one's pid.
+STALE_TEMP_NS = 3600 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,7 @@ class DiskTier(Tier):
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.name = name
         self.directory = Path(directory)
+        self._root = os.fspath(self.directory)
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self._policy = resolve_eviction_policy(eviction)
@@ -130,21 +142,58 @@ class DiskTier(Tier):
     def _inspect(self, folder: Path, entry: os.DirEntry[str]) -> _Found | None:
         name = entry.name
         if name.endswith(TEMP_SUFFIX):
-            _unlink(Path(entry.path))
-            self._extra["temp_files_deleted"] += 1
+            if _is_leftover(entry) and _unlink(Path(entry.path)):
+                self._extra["temp_files_deleted"] += 1
             return None
-        stem = name[: -len(BLOCK_SUFFIX)]
-        if not name.endswith(BLOCK_SUFFIX) or len(stem) != _KEY_HEX or stem[:2] != folder.name:
+        key = _key_of(folder.name, name)
+        if key is None:
             return None
-        try:
-            key = BlockKey(bytes.fromhex(stem))
-            stat = entry.stat()
-            chunk_index, parent = _read_chain_position(Path(entry.path))
-        except (ValueError, OSError, BlockFormatError):
+        found = _inspect_block(key, Path(entry.path))
+        if found is None:
             _unlink(Path(entry.path))
             self._extra["unreadable_deleted"] += 1
+        return found
+
+    def _adopt(self, key: BlockKey) -> int | None:
+        """Index a block file another process wrote since this tier opened; its size.
+
+        ``None`` when there is no such file (the usual miss: one failed ``stat``)."""
+        digest = key.hex()
+        try:  # the common case, no such file: one failed stat of a str path, ~2 us
+            os.stat(f"{self._root}/{digest[:2]}/{digest}{BLOCK_SUFFIX}")
+        except OSError:
             return None
-        return _Found(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent)
+        path = self.path_of(key)
+        found = _inspect_block(key, path)
+        if found is None:
+            return None  # vanished, or unreadable: a later open deletes an unreadable one
+        evicted: list[BlockKey] = []
+        with self._lock:
+            size = self._sizes.get(key)
+            if size is None:
+                if not path.exists():  # deleted in between (by this process or another)
+                    return None
+                size = self._sizes[key] = found.size
+                self._bytes += found.size
+                self._policy.on_insert(key, found.size, found.chunk_index, found.parent)
+                self._last_stamp_ns = max(self._last_stamp_ns, found.mtime_ns)
+                self._evict_locked(evicted)
+                if key not in self._sizes:
+                    size = None
+        on_evict = self.hooks.on_evict
+        for victim in evicted:
+            on_evict(victim, self.name)
+        return size
+
+    def _forget_vanished(self, key: BlockKey) -> None:
+        """Drop a key whose file another process removed (a file this process renamed
+        back into place since then is kept: in-process renames happen under the lock)."""
+        with self._lock:
+            size = self._sizes.get(key)
+            if size is not None and not self.path_of(key).exists():
+                del self._sizes[key]
+                self._bytes -= size
+                self._policy.on_remove(key)
 
     # --------------------------------------------------------------------- reading
 
@@ -157,17 +206,23 @@ class DiskTier(Tier):
         return self.directory / digest[:2] / f"{digest}{BLOCK_SUFFIX}"
 
     def contains(self, key: BlockKey) -> bool:
-        return key in self._sizes
+        return self.contains_many([key])[0]
 
     def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
         sizes = self._sizes
-        return [key in sizes for key in keys]
+        return [key in sizes or self._adopt(key) is not None for key in keys]
 
     def get(self, key: BlockKey) -> BlockBytes | None:
         with self._lock:
             self._check_open()
+            indexed = key in self._sizes
+        if not indexed and self._adopt(key) is None:
+            with self._lock:
+                self._misses += 1
+            return None
+        with self._lock:
             size = self._sizes.get(key)
-            if size is None:
+            if size is None:  # evicted by another thread since
                 self._misses += 1
                 return None
             self._policy.on_access(key)
@@ -177,7 +232,8 @@ class DiskTier(Tier):
             data = _read_file(path, size)
             os.utime(path, ns=(stamp, stamp))
         except OSError:
-            data = None  # deleted or evicted by another thread since the index said yes
+            data = None  # deleted or evicted by another thread or process since
+            self._forget_vanished(key)
         with self._lock:
             if data is None:
                 self._misses += 1
@@ -320,13 +376,13 @@ class DiskTier(Tier):
             evicted.append(victim)
 
     def _remove_locked(self, key: BlockKey) -> bool:
+        """Drop ``key`` from the index and its file from the directory (a file another
+        process wrote counts too); whether there was either."""
         size = self._sizes.pop(key, None)
-        if size is None:
-            return False
-        self._bytes -= size
-        self._policy.on_remove(key)
-        _unlink(self.path_of(key))
-        return True
+        if size is not None:
+            self._bytes -= size
+            self._policy.on_remove(key)
+        return _unlink(self.path_of(key)) or size is not None
 
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
@@ -358,9 +414,16 @@ class DiskTier(Tier):
             )
 
     def clear(self) -> None:
+        """Delete every block file in the directory, the ones other processes wrote too."""
         with self._lock:
             self._check_open()
             for key in list(self._sizes):
+                self._remove_locked(key)
+            try:
+                others = [block.key for block in self._scan()]
+            except OSError as exc:
+                raise StoreError(f"cannot clear disk tier at {self.directory}: {exc}") from exc
+            for key in others:
                 self._remove_locked(key)
 
     def close(self) -> None:
@@ -413,6 +476,55 @@ def _read_file(path: Path, size: int) -> BlockBytes:
         os.close(fd)
 
 
+def _key_of(folder: str, name: str) -> BlockKey | None:
+    """The key a ``.kvb`` file name spells, if it is one of ours in the right folder."""
+    stem = name[: -len(BLOCK_SUFFIX)]
+    if not name.endswith(BLOCK_SUFFIX) or len(stem) != _KEY_HEX or stem[:2] != folder:
+        return None
+    try:
+        return BlockKey(bytes.fromhex(stem))
+    except ValueError:
+        return None
+
+
+def _inspect_block(key: BlockKey, path: Path) -> _Found | None:
+    """Size, mtime and chain position of a block file; ``None`` if absent or unreadable."""
+    try:
+        stat = os.stat(path)
+        chunk_index, parent = _read_chain_position(path)
+    except (OSError, ValueError, BlockFormatError):
+        return None
+    return _Found(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent)
+
+
+def _is_leftover(entry: os.DirEntry[str]) -> bool:
+    """Whether a temp file was left by a writer that is gone (or is too old to be live).
+
+    The name is ``.<key hex>.<pid>.<n>.tmp``; a process with that pid still running may be
+    writing it right now (a server beside ``kvfactory store stats``, or a replica)."""
+    parts = entry.name.split(".")
+    try:
+        pid = int(parts[2])
+        age_ns = time.time_ns() - entry.stat().st_mtime_ns
+    except (IndexError, ValueError, OSError):
+        return True
+    return age_ns > STALE_TEMP_NS or not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    except OSError:
+        return False
+    return True
+
+
 def _read_chain_position(path: Path) -> tuple[int, bytes]:
     """Chunk index and parent from a block file's header, without reading its payload."""
     with open(path, "rb") as file:
@@ -423,9 +535,13 @@ def _read_chain_position(path: Path) -> tuple[int, bytes]:
     return header.chunk_index, header.parent
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def _unlink(path: Path) -> bool:
+    """Remove ``path``; whether it was there."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
-__all__ = ["BLOCK_SUFFIX", "DEFAULT_DISK_READ_COST", "TEMP_SUFFIX", "DiskTier"]
+__all__ = ["BLOCK_SUFFIX", "DEFAULT_DISK_READ_COST", "STALE_TEMP_NS", "TEMP_SUFFIX", "DiskTier"]
