@@ -43,12 +43,16 @@ SYSTEM = (
 )
 
 
+PIN_SWEEP_S = 0.2
+
+
 @dataclass
 class Served:
     url: str
     model: str
     store: ContextStore
     sessions: SessionService
+    sessions_url: str
 
 
 @contextmanager
@@ -65,7 +69,8 @@ def serving(workdir: Path) -> Iterator[Served]:
     )
     metrics, incidents = Metrics(), IncidentLog()
     store = open_store(settings, metrics=metrics.store, incidents=incidents)
-    sessions = open_session_service(f"sqlite:///{workdir / 'sessions.db'}", pins=store)
+    sessions_url = f"sqlite:///{workdir / 'sessions.db'}"
+    sessions = open_session_service(sessions_url, pins=store)
     engine = HFEngine.from_settings(settings, store=store, metrics=metrics, incidents=incidents)
     app = create_app(
         [engine],
@@ -73,6 +78,7 @@ def serving(workdir: Path) -> Iterator[Served]:
         incidents=incidents,
         tenants=TenantResolver(SECRET, KEYS),
         sessions=sessions,
+        pin_sweep_s=PIN_SWEEP_S,
     )
     port = free_port()
     server = uvicorn.Server(
@@ -85,7 +91,7 @@ def serving(workdir: Path) -> Iterator[Served]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     try:
-        yield Served(f"http://127.0.0.1:{port}", engine.model_name, store, sessions)
+        yield Served(f"http://127.0.0.1:{port}", engine.model_name, store, sessions, sessions_url)
     finally:
         server.should_exit = True
         thread.join(60)
@@ -221,9 +227,29 @@ def test_chat_turn_commits_reply_pins_kv_and_delete_unpins(
     assert head[2]["content"] == reply
     owner = f"session:{sid}"
     served.store.flush(30)
-    assert owner in served.store._pins.owners()
+    assert owner in served.store.pin_owners()
     assert http.delete(f"/v1/sessions/{sid}", headers=A).json()["deleted"] is True
-    assert owner not in served.store._pins.owners()
+    assert owner not in served.store.pin_owners()
+    assert http.get(f"/v1/sessions/{sid}", headers=A).status_code == 404
+
+
+def test_a_session_deleted_from_the_cli_loses_its_pins_in_the_running_server(
+    http: httpx.Client, served: Served
+) -> None:
+    sid = _create(http, served)["id"]
+    assert _turn(http, served, sid, "What is my account number?").status_code == 200
+    owner = f"session:{sid}"
+    served.store.flush(30)
+    assert owner in served.store.pin_owners()
+    cli = open_session_service(served.sessions_url)  # what `kvfactory session rm` opens
+    try:
+        cli.delete(sid, None, actor="cli")
+    finally:
+        cli.close()
+    deadline = time.monotonic() + 20 * PIN_SWEEP_S + 10
+    while owner in served.store.pin_owners():
+        assert time.monotonic() < deadline, "the server kept the deleted session's pins"
+        time.sleep(PIN_SWEEP_S / 2)
     assert http.get(f"/v1/sessions/{sid}", headers=A).status_code == 404
 
 

@@ -38,10 +38,15 @@ from kvfactory.gateway.schemas import (
     now,
     parse_request,
 )
-from kvfactory.gateway.sessions_api import SESSION_HEADER, SessionTurns, install_session_routes
+from kvfactory.gateway.sessions_api import (
+    SESSION_HEADER,
+    SessionTurns,
+    install_session_routes,
+    release_orphaned_pins_every,
+)
 from kvfactory.gateway.streaming import SSE_HEADERS, ChatChunks, TextChunks, sse_stream
 from kvfactory.gateway.tenancy import TenantResolver
-from kvfactory.sessions import SessionService
+from kvfactory.sessions import PIN_SWEEP_S, SessionService
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -370,6 +375,12 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(
     engines: Sequence[Engine],
     *,
@@ -377,6 +388,7 @@ def create_app(
     incidents: IncidentLog | None = None,
     tenants: TenantResolver | None = None,
     sessions: SessionService | None = None,
+    pin_sweep_s: float = PIN_SWEEP_S,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``engines``; its lifespan starts and stops them.
 
@@ -384,7 +396,8 @@ def create_app(
     per-process secret (stored KV is then not found again after a restart); the CLI passes
     ``TenantResolver.from_env(settings.home)`` so salts survive restarts. With ``sessions``
     the ``/v1/sessions`` routes are served and chat turns may name a session; the caller
-    owns (and closes) the service.
+    owns (and closes) the service, and every ``pin_sweep_s`` seconds the lifespan releases
+    the KV pins of sessions deleted elsewhere (``kvfactory session rm``, another gateway).
     """
     gateway = Gateway(
         engines,
@@ -400,6 +413,9 @@ def create_app(
             for engine in gateway.engines.values():
                 await engine.start()
                 stack.push_async_callback(engine.shutdown)
+            if sessions is not None:
+                sweep = asyncio.create_task(release_orphaned_pins_every(sessions, pin_sweep_s))
+                stack.push_async_callback(_cancelled, sweep)
             yield
 
     app = FastAPI(title="kvfactory", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -7,14 +7,17 @@ session of another tenant is a 404, exactly like a missing one. ``SessionTurns``
 ``session_id`` field): the prompt is the head's messages plus the request's, overflow is
 handled by the session's policy, the reply is committed as a child of the head it ran on
 (409 with ``X-Session-Head`` when the head moved meanwhile), and the engine pins the
-prompt's KV blocks for the session. Database calls run in worker threads. This module
-knows engines only through ``engines.base`` and the ``Gateway`` it is given.
+prompt's KV blocks for the session. ``release_orphaned_pins_every`` (run by the app's
+lifespan) releases the pins of sessions deleted outside this process. Database calls run
+in worker threads. This module knows engines only through ``engines.base`` and the
+``Gateway`` it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
@@ -46,6 +49,8 @@ from kvfactory.sessions.overflow import check_fits, plan_overflow
 
 if TYPE_CHECKING:
     from kvfactory.gateway.app import Gateway
+
+log = logging.getLogger("kvfactory.sessions")
 
 SESSION_HEADER = "X-Session-Id"
 SESSION_VERSION_HEADER = "X-Session-Version"
@@ -240,6 +245,19 @@ class SessionTurns:
         return "".join(pieces)
 
 
+async def release_orphaned_pins_every(service: SessionService, interval_s: float) -> None:
+    """``service.release_orphaned_pins()`` every ``interval_s`` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            released = await asyncio.to_thread(service.release_orphaned_pins)
+        except Exception:  # the database is briefly unreachable: the next round retries
+            log.warning("could not release the pins of deleted sessions", exc_info=True)
+            continue
+        if released:
+            log.info("released the KV pins of %d deleted session(s)", len(released))
+
+
 def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionService) -> None:
     store = service.store
 
@@ -371,4 +389,5 @@ __all__ = [
     "SessionTurns",
     "conflict_response",
     "install_session_routes",
+    "release_orphaned_pins_every",
 ]

@@ -20,12 +20,18 @@ from kvfactory.sessions.model import (
     VersionKind,
     VersionNotFoundError,
 )
-from kvfactory.sessions.service import PinReleaser, SessionService, open_session_service
+from kvfactory.sessions.service import (
+    PIN_SWEEP_S,
+    PinReleaser,
+    SessionService,
+    open_session_service,
+)
 from kvfactory.sessions.store import SessionStore, pin_owner
 from kvfactory.sessions.transfer import EXPORT_FORMAT, export_session, import_session
 
 __all__ = [
     "EXPORT_FORMAT",
+    "PIN_SWEEP_S",
     "AuditEntry",
     "ContextOverflowError",
     "Lease",

@@ -8,10 +8,10 @@ next to a live server (SQLite WAL and PostgreSQL both allow it). ``--tenant`` (d
 ``create``, ``fork`` and ``import`` print only the new id, so scripts can capture it.
 A failure (unknown session, bad document, broken audit chain, a database that cannot be
 opened) is one line on stderr and exit code 1; invalid settings are ``ConfigError`` (exit
-code 2, like every other command). KV pins live in the server's memory, so ``rm`` here erases the
-messages and the server drops the pins when it restarts. This module only parses, calls
-the session store and prints (tables come from ``render``); it knows neither HTTP nor
-engines.
+code 2, like every other command). KV pins live in the server's memory, so ``rm`` here
+erases the messages and a running server releases the session's pins within
+``PIN_SWEEP_S`` (30 s). This module only parses, calls the session store and prints
+(tables come from ``render``); it knows neither HTTP nor engines.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 The gateway and CLI hold one of these. A live session's KV blocks are pinned in the
 context store under ``pin_owner(session_id)`` (the engine pins them while running the
-session's turns); deleting the session releases them. The messages stay the source of
-truth: pins only make eviction keep the accelerator around. This module knows the pins
-only through the small ``PinReleaser`` protocol (``ContextStore`` satisfies it).
+session's turns); deleting the session releases them. ``release_orphaned_pins``, which a
+server runs every ``PIN_SWEEP_S`` seconds, releases those of sessions deleted elsewhere
+(``kvfactory session rm``, another gateway on the same PostgreSQL). The messages stay the
+source of truth: pins only make eviction keep the accelerator around. This module knows
+the pins only through the small ``PinReleaser`` protocol (``ContextStore`` satisfies it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from typing import Protocol
 from kvfactory._types import BlockKey
 from kvfactory.sessions.store import DEFAULT_ACTOR, SessionStore, pin_owner
 
+PIN_SWEEP_S = 30.0
+SESSION_PIN_PREFIX = pin_owner("")
+
 
 class PinReleaser(Protocol):
     def unpin(self, owner: str, keys: Iterable[BlockKey] | None = None) -> None: ...
+
+    def pin_owners(self) -> list[str]: ...
 
 
 @dataclass
@@ -32,6 +39,22 @@ class SessionService:
         if self.pins is not None:
             self.pins.unpin(pin_owner(session_id))
 
+    def release_orphaned_pins(self) -> list[str]:
+        """Release the pins of sessions that no longer exist; their ids, sorted."""
+        if self.pins is None:
+            return []
+        pinned = [
+            owner.removeprefix(SESSION_PIN_PREFIX)
+            for owner in self.pins.pin_owners()
+            if owner.startswith(SESSION_PIN_PREFIX)
+        ]
+        if not pinned:
+            return []
+        gone = sorted(set(pinned) - self.store.live_ids(pinned))
+        for session_id in gone:
+            self.pins.unpin(pin_owner(session_id))
+        return gone
+
     def close(self) -> None:
         self.store.close()
 
@@ -42,4 +65,4 @@ def open_session_service(url: str, *, pins: PinReleaser | None = None) -> Sessio
     return SessionService(SessionStore(url), pins)
 
 
-__all__ = ["PinReleaser", "SessionService", "open_session_service"]
+__all__ = ["PIN_SWEEP_S", "PinReleaser", "SessionService", "open_session_service"]

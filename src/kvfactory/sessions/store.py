@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +41,7 @@ from kvfactory.sessions.model import (
 
 DEFAULT_ACTOR = "kvfactory"
 DEFAULT_LIST_LIMIT = 100
+_IN_LIST_LIMIT = 500  # ids per IN (...) query: SQLite allows 32,766 parameters
 
 
 def new_session_id() -> str:
@@ -227,6 +228,19 @@ class SessionStore:
         with self._engine.connect() as c:
             query = sa.select(schema.sessions.c.id).where(schema.sessions.c.id == session_id)
             return c.execute(query).first() is not None
+
+    def live_ids(self, session_ids: Iterable[str]) -> set[str]:
+        """Those of ``session_ids`` that name a session not deleted, of any tenant."""
+        wanted = list(dict.fromkeys(session_ids))
+        live: set[str] = set()
+        with self._engine.connect() as c:
+            for start in range(0, len(wanted), _IN_LIST_LIMIT):
+                query = sa.select(schema.sessions.c.id).where(
+                    schema.sessions.c.id.in_(wanted[start : start + _IN_LIST_LIMIT]),
+                    schema.sessions.c.deleted.is_(False),
+                )
+                live.update(row.id for row in c.execute(query))
+        return live
 
     def list_sessions(
         self, tenant: str | None, *, limit: int = DEFAULT_LIST_LIMIT

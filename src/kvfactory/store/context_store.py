@@ -482,6 +482,10 @@ class ContextStore:
     def is_pinned(self, key: BlockKey) -> bool:
         return self._pins.is_pinned(key)
 
+    def pin_owners(self) -> list[str]:
+        """Every owner holding a pin now, sorted."""
+        return self._pins.owners()
+
     # -- housekeeping -------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
