@@ -7,7 +7,7 @@ Public interface (stable; the factory gateway codes against it)::
     PriorityClass(name, rank=0, max_queue=64, queue_timeout_s=30.0, reserved_share=0.0)
     Admission(limits: Mapping[str, TenantLimits], classes: Sequence[PriorityClass],
               max_concurrent: int, clock=time.monotonic, *, incidents=None,
-              default_limits=TenantLimits())
+              default_limits=TenantLimits(), quotas=LocalQuotas())
     ticket = await admission.admit(tenant, estimated_tokens, priority=None, *, request_id=None)
     unused = ticket.settle(actual_tokens)   # after the response; returns estimate - actual
     ticket.release()                        # or: async with ticket: ... (idempotent)
@@ -18,7 +18,9 @@ loop can never overshoot):
 
 1. **Quotas** (``quota.QuotaWindow``, an exact sliding log over 60 s): requests/min and
    tokens/min. ``estimated_tokens`` (prompt + max_tokens) is reserved up front; over quota
-   is an immediate 429 whose ``Retry-After`` is when enough of the window expires.
+   is an immediate 429 whose ``Retry-After`` is when enough of the window expires. With
+   ``quotas=SharedQuotas(url)`` (``shared_quota``) the windows live in Redis/Valkey and
+   every gateway on that server enforces one tenant's limits together.
 2. **Concurrency**: a slot of the global budget ``max_concurrent`` and of the tenant's own
    ``max_concurrent``. Without a free slot the request waits in its class's queue; a full
    queue (``max_queue`` waiting) is a 429, so is waiting past ``queue_timeout_s`` (the
@@ -35,10 +37,10 @@ rejection is ``APIError(429, code="rate_limit_exceeded")`` with ``Retry-After`` 
 ``IncidentLog`` is given, a ``quota_reject`` incident. ``priority`` may lower a request's
 class below its tenant's, never raise it above (a client cannot buy its way up).
 
-Not thread-safe: one ``Admission`` serves one event loop. Limits hold per gateway process:
-N gateways behind a load balancer each enforce the full limits (configure each with its
-share; a shared-window backend would be a new ``QuotaWindow`` implementation). This module does not know API
-keys, HTTP, routes or backends; ``tenant_config`` builds it from the config file.
+Not thread-safe: one ``Admission`` serves one event loop. Concurrency (slots and queues)
+is per gateway process; quotas are too unless a shared ``QuotaBook`` is given. This module
+does not know API keys, HTTP, routes or backends; ``tenant_config`` builds it from the
+config file.
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ from types import TracebackType
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.errors import APIError
-from kvfactory.gateway.quota import QuotaVerdict, QuotaWindow, Reservation, retry_after_header
+from kvfactory.gateway.quota import (
+    LocalQuotas,
+    QuotaBook,
+    QuotaVerdict,
+    Reservation,
+    TenantWindow,
+    retry_after_header,
+)
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 
 DEFAULT_PRIORITY = "standard"
@@ -156,6 +165,7 @@ class Admission:
         *,
         incidents: IncidentLog | None = None,
         default_limits: TenantLimits | None = None,
+        quotas: QuotaBook | None = None,
     ):
         if max_concurrent < 1:
             raise ConfigError("max_concurrent must be >= 1")
@@ -180,7 +190,8 @@ class Admission:
         self._clock = clock
         self._incidents = incidents
         self._queues: dict[str, deque[_Waiter]] = {c.name: deque() for c in classes}
-        self._windows: dict[str, QuotaWindow] = {}
+        self._quotas: QuotaBook = quotas if quotas is not None else LocalQuotas()
+        self._windows: dict[str, TenantWindow] = {}
         self._tenant_in_flight: defaultdict[str, int] = defaultdict(int)
         self._in_flight = 0
         self._mean_hold_s: float | None = None
@@ -230,19 +241,25 @@ class Admission:
         cls = self._class_for(limits, priority)
         now = self._clock()
         window = self._window(tenant) if self._has_window(limits) else None
-        verdict = window.check(now, estimated_tokens) if window is not None else None
-        if verdict is not None:
-            raise self._reject(
-                tenant, cls, request_id, verdict.limit, verdict.retry_after_s, verdict
-            )
+        reservation = None
+        if window is not None:
+            # local: never suspends, so the check, the queueing and the grant below are one
+            # step of the event loop; shared: atomic in Redis, then the same local steps
+            outcome = await window.admit(now, estimated_tokens)
+            if isinstance(outcome, QuotaVerdict):
+                raise self._reject(
+                    tenant, cls, request_id, outcome.limit, outcome.retry_after_s, outcome
+                )
+            reservation = outcome
         waiter = _Waiter(tenant, asyncio.get_running_loop().create_future())
         queue = self._queues[cls.name]
         queue.append(waiter)
         self._pump()
         if not waiter.future.done() and len(queue) > cls.max_queue:
             queue.remove(waiter)
+            if window is not None and reservation is not None:
+                window.refund(reservation)
             raise self._reject(tenant, cls, request_id, "queue_full", self._queue_wait(cls), None)
-        reservation = window.reserve(now, estimated_tokens) if window is not None else None
         if not waiter.future.done():
             await self._wait(waiter, cls, reservation, request_id)
         started = self._clock()
@@ -293,13 +310,19 @@ class Admission:
     def _has_window(limits: TenantLimits) -> bool:
         return limits.requests_per_minute is not None or limits.tokens_per_minute is not None
 
-    def _window(self, tenant: str) -> QuotaWindow:
+    def _window(self, tenant: str) -> TenantWindow:
         window = self._windows.get(tenant)
         if window is None:
             limits = self.limits_for(tenant)
-            window = QuotaWindow(limits.requests_per_minute, limits.tokens_per_minute)
+            window = self._quotas.window(
+                tenant, limits.requests_per_minute, limits.tokens_per_minute
+            )
             self._windows[tenant] = window
         return window
+
+    async def aclose(self) -> None:
+        """Close the quota book (a shared one holds a connection pool)."""
+        await self._quotas.aclose()
 
     # -- slots -----------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ computed from the window, never a constant.
 
 A log rather than a token bucket because a bucket lets a full burst through at every refill
 boundary, while the log holds "at most N in any 60 s" exactly. Its memory is one small object
-per request admitted in the last window. This module does not know tenants' names,
-priorities, concurrency or HTTP; ``admission`` composes it.
+per request admitted in the last window. ``TenantWindow`` is the seam ``admission`` codes
+against: this in-process window, or ``shared_quota``'s window kept in Redis so that several
+gateways share one tenant's limits. This module does not know tenants' names, priorities,
+concurrency or HTTP; ``admission`` composes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 WINDOW_S = 60.0
 
@@ -31,6 +34,7 @@ class Reservation:
     at: float
     tokens: int
     live: bool = True  # False once it left the window or was refunded: settling is then moot
+    shared_id: str | None = None  # its id in a shared window; None: held in this process
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,18 @@ class QuotaVerdict:
     used: int
     retry_after_s: float
     never_fits: bool = False  # the request alone is larger than the limit
+
+
+class TenantWindow(Protocol):
+    """One tenant's requests/min and tokens/min, wherever they are kept."""
+
+    async def admit(self, now: float, tokens: int) -> Reservation | QuotaVerdict:
+        """Check and reserve in one atomic step: the reservation, or why it does not fit."""
+        ...
+
+    def settle(self, reservation: Reservation, tokens: int) -> None: ...
+
+    def refund(self, reservation: Reservation) -> None: ...
 
 
 class QuotaWindow:
@@ -101,6 +117,11 @@ class QuotaWindow:
                 return reservation.at + self.window_s - now
         return self.window_s  # unreachable while the running sum is right; stay safe
 
+    async def admit(self, now: float, tokens: int) -> Reservation | QuotaVerdict:
+        """``check`` then ``reserve``; never suspends, so it is one step of the event loop."""
+        verdict = self.check(now, tokens)
+        return verdict if verdict is not None else self.reserve(now, tokens)
+
     def reserve(self, now: float, tokens: int) -> Reservation:
         """Charge a request that ``check`` let through (call both in one synchronous step)."""
         reservation = Reservation(at=now, tokens=tokens)
@@ -123,9 +144,40 @@ class QuotaWindow:
         self._log.remove(reservation)
 
 
+class QuotaBook(Protocol):
+    """Where tenants' windows live; ``Admission`` asks it once per tenant."""
+
+    def window(
+        self, tenant: str, requests_per_minute: int | None, tokens_per_minute: int | None
+    ) -> TenantWindow: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalQuotas:
+    """Windows in this process: each gateway enforces the full limits on its own."""
+
+    def window(
+        self, tenant: str, requests_per_minute: int | None, tokens_per_minute: int | None
+    ) -> TenantWindow:
+        return QuotaWindow(requests_per_minute, tokens_per_minute)
+
+    async def aclose(self) -> None:
+        return None
+
+
 def retry_after_header(seconds: float) -> str:
     """Whole seconds for ``Retry-After``, rounded up and at least 1 (0 would invite a spin)."""
     return str(max(1, math.ceil(seconds - 1e-9)))
 
 
-__all__ = ["WINDOW_S", "QuotaVerdict", "QuotaWindow", "Reservation", "retry_after_header"]
+__all__ = [
+    "WINDOW_S",
+    "LocalQuotas",
+    "QuotaBook",
+    "QuotaVerdict",
+    "QuotaWindow",
+    "Reservation",
+    "TenantWindow",
+    "retry_after_header",
+]

@@ -4,6 +4,9 @@ The TOML shape (every table optional)::
 
     [admission]
     max_concurrent = 64              # global in-flight budget of this gateway process
+    quota_url = "redis://q:6379/0"   # optional: tenants' per-minute quotas shared by every
+                                     # gateway naming this server (else per process)
+    quota_prefix = "kvf:quota:"      # key prefix there
 
     [priority.high]
     rank = 10                        # higher is served first
@@ -24,7 +27,7 @@ one, so tenants without ``priority`` always have a class. Plaintext keys (``key`
 fields are errors too, so a typo never silently disables a limit.
 
 Interface: ``parse_tenancy(mapping) -> TenancyConfig``, ``load_tenancy(path)``;
-``TenancyConfig.admission(clock=..., incidents=...) -> Admission`` and
+``TenancyConfig.admission(clock=..., incidents=..., quotas=None) -> Admission`` and
 ``TenancyConfig.resolver(secret) -> TenantResolver``. This module does not know backends,
 routes or where the server secret lives (``tenancy.load_server_secret``).
 """
@@ -42,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.admission import DEFAULT_PRIORITY, Admission, PriorityClass, TenantLimits
+from kvfactory.gateway.quota import LocalQuotas, QuotaBook
+from kvfactory.gateway.shared_quota import DEFAULT_PREFIX, SharedQuotas, check_quota_url
 from kvfactory.gateway.tenancy import TenantResolver
 from kvfactory.telemetry.incidents import IncidentLog
 
@@ -55,6 +60,8 @@ class _Strict(BaseModel):
 
 class _AdmissionTable(_Strict):
     max_concurrent: int = Field(DEFAULT_MAX_CONCURRENT, ge=1)
+    quota_url: str | None = None
+    quota_prefix: str = Field(DEFAULT_PREFIX, min_length=1)
 
 
 class _PriorityTable(_Strict):
@@ -86,6 +93,8 @@ class TenancyConfig:
     tenants: Mapping[str, TenantEntry]
     classes: tuple[PriorityClass, ...]
     max_concurrent: int
+    quota_url: str | None = None
+    quota_prefix: str = DEFAULT_PREFIX
 
     def limits(self) -> dict[str, TenantLimits]:
         return {name: entry.limits for name, entry in self.tenants.items()}
@@ -99,10 +108,23 @@ class TenancyConfig:
         clock: Callable[[], float] = time.monotonic,
         *,
         incidents: IncidentLog | None = None,
+        quotas: QuotaBook | None = None,
     ) -> Admission:
+        """The admission for this config; its quota book is ``quotas``, else the shared one
+        at ``quota_url``, else windows in this process. ``Admission.aclose`` closes it."""
         return Admission(
-            self.limits(), self.classes, self.max_concurrent, clock, incidents=incidents
+            self.limits(),
+            self.classes,
+            self.max_concurrent,
+            clock,
+            incidents=incidents,
+            quotas=quotas if quotas is not None else self.quotas(incidents),
         )
+
+    def quotas(self, incidents: IncidentLog | None = None) -> QuotaBook:
+        if self.quota_url is None:
+            return LocalQuotas()
+        return SharedQuotas(self.quota_url, prefix=self.quota_prefix, incidents=incidents)
 
     def resolver(self, secret: bytes) -> TenantResolver:
         return TenantResolver(secret, hashed_keys=self.hashed_keys())
@@ -166,10 +188,21 @@ def parse_tenancy(config: Mapping[str, Any]) -> TenancyConfig:
                     f"[tenants.{entry.name}] key_sha256: one key is configured for two "
                     f"tenants ({owners[digest]}, {entry.name})"
                 )
-    result = TenancyConfig(tenants, tuple(classes), admission.max_concurrent)
+    if admission.quota_url is not None:
+        try:
+            check_quota_url(admission.quota_url)
+        except ConfigError as exc:
+            raise ConfigError(f"[admission] {exc}") from None
+    result = TenancyConfig(
+        tenants,
+        tuple(classes),
+        admission.max_concurrent,
+        admission.quota_url,
+        admission.quota_prefix,
+    )
     # Build both once so every cross-field error (unknown class, bad digest, a key shared
     # by two tenants, reserved shares over budget) surfaces at load time, not per request.
-    result.admission()
+    result.admission(quotas=LocalQuotas())
     result.resolver(bytes(32))
     return result
 

@@ -252,7 +252,10 @@ class Factory:
                 "backends": backends}, healthy  # fmt: skip
 
     async def aclose(self) -> None:
-        await self.backends.aclose()
+        try:
+            await self.backends.aclose()
+        finally:
+            await self.admission.aclose()
 
 
 def _settle(ticket: Ticket, finished: Finished) -> None:
