@@ -14,19 +14,28 @@ process on the machine does not decide). Added latency = gateway - direct.
 Targets (issue 7): at 500 requests/s, p50 <= 1 ms and p99 <= 5 ms added. Run
 ``python benchmarks/gateway_overhead.py [--seconds 5] [--rounds 2]``. It prints, it never
 asserts; the exit code is 1 when a target is missed.
+
+``--shared-quota`` adds a third side: a second gateway whose tenant has requests/min and
+tokens/min quotas (high enough never to refuse) kept in a real redis-server through
+``[admission] quota_url``, so every request also runs the shared window's Lua script and a
+background settle; its row shows what sharing quotas across gateways costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -36,6 +45,7 @@ from kvfactory.bench.servers import free_port, running_process
 from kvfactory.gateway.factory.fasthttp import FastPool
 
 RATES = (100, 500)
+QUOTA_KEY = "sk-bench-quota"
 TARGET_P50_MS, TARGET_P99_MS = 1.0, 5.0
 BODY = json.dumps(
     {
@@ -98,14 +108,19 @@ def serve_backend(port: int) -> None:
 # -- the load generator ----------------------------------------------------------------------
 
 
-async def paced_load(url: str, rate: int, seconds: float, warmup_s: float) -> dict[str, object]:
+async def paced_load(
+    url: str, rate: int, seconds: float, warmup_s: float, key: str | None = None
+) -> dict[str, object]:
     """Open-loop: request i starts at t0 + i / rate. Latencies (ms) after the warm-up.
 
     The client is the gateway's own lean keep-alive pool (``fasthttp.FastPool``, ~75 us per
     round trip) on uvloop, so the load generator costs little CPU and adds the same small
     amount to both sides; httpx here would cost ~1 ms of CPU per request by itself."""
     root, _, path = url.partition("/v1")
-    pool = FastPool(root + "/v1", headers={"Content-Type": "application/json"},
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    pool = FastPool(root + "/v1", headers=headers,
                     timeout_s=10.0, connect_timeout_s=5.0, max_connections=1000)  # fmt: skip
     latencies: list[float] = []
     lateness: list[float] = []
@@ -146,7 +161,7 @@ async def paced_load(url: str, rate: int, seconds: float, warmup_s: float) -> di
             "late_p99_ms": _pct(lateness, 99) if lateness else 0.0}  # fmt: skip
 
 
-def run_load(url: str, rate: int, seconds: float) -> dict[str, object]:
+def run_load(url: str, rate: int, seconds: float, key: str | None = None) -> dict[str, object]:
     """The load generator in its own process, so it never shares an event loop."""
     command = [
         sys.executable,
@@ -157,6 +172,7 @@ def run_load(url: str, rate: int, seconds: float) -> dict[str, object]:
         str(rate),
         "--seconds",
         str(seconds),
+        *(["--key", key] if key is not None else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60)
     result: dict[str, object] = json.loads(done.stdout)
@@ -172,13 +188,20 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[index]
 
 
-def _gateway_config(folder: Path, backend_url: str) -> Path:
-    path = folder / "factory.toml"
-    path.write_text(
+def _gateway_config(folder: Path, backend_url: str, quota_url: str | None = None) -> Path:
+    path = folder / ("factory-quota.toml" if quota_url else "factory.toml")
+    text = (
         f'[gateway]\nlog_level = "warning"\n\n[canary]\nenabled = false\n\n'
-        f'[backends.fast]\nurl = "{backend_url}/v1"\nmodels = {{ fast = "fast" }}\n',
-        encoding="utf-8",
+        f'[backends.fast]\nurl = "{backend_url}/v1"\nmodels = {{ fast = "fast" }}\n'
     )
+    if quota_url is not None:
+        digest = hashlib.sha256(QUOTA_KEY.encode()).hexdigest()
+        text += (
+            f'\n[admission]\nquota_url = "{quota_url}"\n\n[tenants.bench]\n'
+            f'key_sha256 = "{digest}"\nrequests_per_minute = 10000000\n'
+            f"tokens_per_minute = 1000000000\n"
+        )
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -186,7 +209,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--rounds", type=int, default=3, help="direct/gateway alternations")
+    parser.add_argument(
+        "--shared-quota",
+        action="store_true",
+        help="also measure a gateway whose tenant quotas live in a real redis-server",
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,7 +225,9 @@ def main() -> int:
     if args.load:
         import uvloop
 
-        result = uvloop.run(paced_load(args.load, args.rate, args.seconds, warmup_s=1.0))
+        result = uvloop.run(
+            paced_load(args.load, args.rate, args.seconds, warmup_s=1.0, key=args.key)
+        )
         print(json.dumps(result))
         return 0
 
@@ -209,30 +240,30 @@ def main() -> int:
         config = _gateway_config(folder, backend)
         gateway_cmd = [sys.executable, "-m", "kvfactory", "gateway", "--config", str(config),
                        "--port", str(gateway_port)]  # fmt: skip
-        with (
-            running_process(
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(running_process(
                 [sys.executable, __file__, "--serve-backend", str(backend_port)],
-                base_url=backend,
-                log=folder / "backend.log",
-                env=env,
-                health_path="/healthz",
+                base_url=backend, log=folder / "backend.log", env=env,
+                health_path="/healthz", startup_timeout_s=60,
+            ))  # fmt: skip
+            stack.enter_context(running_process(
+                gateway_cmd, base_url=gateway, log=folder / "gateway.log", env=env,
                 startup_timeout_s=60,
-            ),  # fmt: skip
-            running_process(
-                gateway_cmd,
-                base_url=gateway,
-                log=folder / "gateway.log",
-                env=env,
-                startup_timeout_s=60,
-            ),  # fmt: skip
-        ):
+            ))  # fmt: skip
+            sides: list[tuple[str, str, str | None]] = [
+                ("direct", backend, None),
+                ("gateway", gateway, None),
+            ]
+            if args.shared_quota:
+                quota_gateway = stack.enter_context(_quota_gateway(folder, backend, env))
+                sides.append(("quota", quota_gateway, QUOTA_KEY))
             rounds: dict[tuple[int, str], list[tuple[float, float]]] = {}
             errors: dict[tuple[int, str], int] = {}
             for rate in RATES:
                 for round_ in range(args.rounds):
-                    sides = [("direct", backend), ("gateway", gateway)]
-                    for side, base in sides if round_ % 2 == 0 else sides[::-1]:
-                        result = run_load(f"{base}/v1/chat/completions", rate, args.seconds)
+                    for side, base, key in sides if round_ % 2 == 0 else sides[::-1]:
+                        url = f"{base}/v1/chat/completions"
+                        result = run_load(url, rate, args.seconds, key)
                         latencies = cast(list[float], result["latencies_ms"])
                         failed = cast(int, result["errors"])
                         p50, p99 = statistics.median(latencies), _pct(latencies, 99)
@@ -242,6 +273,32 @@ def main() -> int:
                               f"p99 {p99:.2f} ms, {len(latencies)} ok, {failed} errors, "
                               f"client lateness p99 {result['late_p99_ms']:.2f} ms", flush=True)  # fmt: skip
     return report(rounds, errors)
+
+
+@contextlib.contextmanager
+def _quota_gateway(folder: Path, backend: str, env: dict[str, str]) -> Iterator[str]:
+    """A redis-server and a second gateway whose tenant's quotas live in it; its URL."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("--shared-quota needs redis-server: run scripts/redis.sh install")
+    redis_port, port = free_port(), free_port()
+    redis_dir = folder / "redis"
+    redis_dir.mkdir()
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+         "--appendonly", "no", "--dir", str(redis_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        config = _gateway_config(folder, backend, f"redis://127.0.0.1:{redis_port}/0")
+        command = [sys.executable, "-m", "kvfactory", "gateway", "--config", str(config),
+                   "--port", str(port)]  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        with running_process(command, base_url=base, log=folder / "gateway-quota.log",
+                             env=env, startup_timeout_s=60):  # fmt: skip
+            yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def report(
@@ -254,6 +311,15 @@ def report(
     verdict = True
     for rate in RATES:
         direct, through = rounds[(rate, "direct")], rounds[(rate, "gateway")]
+        if (rate, "quota") in rounds:
+            shared = rounds[(rate, "quota")]
+            q50 = statistics.median(p50 for p50, _ in shared)
+            q99 = statistics.median(p99 for _, p99 in shared)
+            t50 = statistics.median(p50 for p50, _ in through)
+            t99 = statistics.median(p99 for _, p99 in through)
+            print(f"{rate:>4}/s shared quota: p50 {q50:.2f} ms ({q50 - t50:+.2f} ms vs the "
+                  f"gateway without quotas), p99 {q99:.2f} ms ({q99 - t99:+.2f} ms), "
+                  f"{errors[(rate, 'quota')]} errors")  # fmt: skip
         d50, g50 = (statistics.median(p50 for p50, _ in side) for side in (direct, through))
         d99, g99 = (statistics.median(p99 for _, p99 in side) for side in (direct, through))
         print(f"{rate:>4}/s {d50:>9.2f}ms {g50:>10.2f}ms {g50 - d50:>8.2f}ms "
