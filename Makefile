@@ -64,6 +64,7 @@ $(VENV)/.llama-cpp: $(VENV)/.dev
 
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy bash scripts/typecheck_tests.sh
 
 test: $(VENV)/.dev redis-server postgres-server vllm lint typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -4,7 +4,12 @@ a synchronous drain of an event stream. Imported by tests (and by subprocesses t
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvfactory.engines.base import FinishEvent, GenerationEvent
 
 STREAM_TIMEOUT_S = 300.0
 """A broken scheduler must fail a test, not hang the suite."""
@@ -67,16 +72,16 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def collect(stream: object) -> tuple[list[int], str, object]:
+def collect(stream: AsyncIterator[GenerationEvent]) -> tuple[list[int], str, FinishEvent]:
     """Drain an ``EventStream`` synchronously: (token ids, full text, finish event)."""
     import asyncio
 
     from kvfactory.engines.base import FinishEvent, TokenEvent
 
-    async def drain() -> tuple[list[int], str, object]:
+    async def drain() -> tuple[list[int], str, FinishEvent]:
         tokens: list[int] = []
         text = ""
-        async for event in stream:  # type: ignore[attr-defined]
+        async for event in stream:
             if isinstance(event, TokenEvent):
                 tokens.append(event.token_id)
                 text += event.text

@@ -23,7 +23,9 @@ def runner(tiny_model_dir: Path) -> ModelRunner:
     return ModelRunner.load(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
 
 
-def test_blocks_round_trip_into_an_identical_cache(runner: ModelRunner, tiny_model_dir: Path):
+def test_blocks_round_trip_into_an_identical_cache(
+    runner: ModelRunner, tiny_model_dir: Path
+) -> None:
     geometry = KVGeometry.from_model_dir(tiny_model_dir)
     codec = BlockCodec(geometry, CHUNK, torch.float32)
     fingerprint = build_fingerprint(tiny_model_dir, dtype="float32", chunk_tokens=CHUNK)
@@ -47,7 +49,7 @@ def test_blocks_round_trip_into_an_identical_cache(runner: ModelRunner, tiny_mod
         assert torch.equal(original.values[:, :, : 2 * CHUNK], loaded.values)
 
 
-def test_foreign_blocks_are_rejected(runner: ModelRunner, tiny_model_dir: Path):
+def test_foreign_blocks_are_rejected(runner: ModelRunner, tiny_model_dir: Path) -> None:
     geometry = KVGeometry.from_model_dir(tiny_model_dir)
     codec = BlockCodec(geometry, CHUNK, torch.float32)
     fingerprint = build_fingerprint(tiny_model_dir, dtype="float32", chunk_tokens=CHUNK)
@@ -71,7 +73,7 @@ def test_foreign_blocks_are_rejected(runner: ModelRunner, tiny_model_dir: Path):
         codec.decode(short, expected_index=0)
 
 
-def test_fingerprint_layout_and_digest_cache(tiny_model_dir: Path, tmp_path: Path):
+def test_fingerprint_layout_and_digest_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
     fingerprint = build_fingerprint(tiny_model_dir, dtype="float32", chunk_tokens=CHUNK)
     assert fingerprint.kv_layout == "hf:llama:L2:kvh2:hd16:[layers,2,kv_heads,tokens,head_dim]"
     cache_file = tmp_path / "fp.json"

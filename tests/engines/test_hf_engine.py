@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def request(prompt: list[int], rid: str = "r", **sampling: Any) -> GenerationReq
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HFEngine]:
     eng = HFEngine(tiny_model_dir, settings=settings(tmp_path_factory.mktemp("plain")))
     asyncio.run(eng.start())
     yield eng
@@ -63,7 +64,7 @@ def prompt_of(engine: HFEngine, text: str) -> list[int]:
     return engine.tokenize_chat([ChatMessage("user", text)])
 
 
-def test_engine_protocol_and_basics(engine: HFEngine):
+def test_engine_protocol_and_basics(engine: HFEngine) -> None:
     assert isinstance(engine, Engine)
     assert engine.model_name == "tiny-llama"
     assert engine.context_window == 512
@@ -80,7 +81,7 @@ def test_engine_protocol_and_basics(engine: HFEngine):
     assert text == engine.detokenize(tokens)
 
 
-def test_sixteen_concurrent_streams_match_their_solo_runs(engine: HFEngine):
+def test_sixteen_concurrent_streams_match_their_solo_runs(engine: HFEngine) -> None:
     prompts = [prompt_of(engine, f"request number {i} " * (1 + i % 5)) for i in range(16)]
     budgets = [3 + i % 7 for i in range(16)]
     solo = [
@@ -113,7 +114,7 @@ def test_sixteen_concurrent_streams_match_their_solo_runs(engine: HFEngine):
     assert engine.health()["running"] == 0
 
 
-def test_max_tokens_stop_strings_and_seeds(engine: HFEngine):
+def test_max_tokens_stop_strings_and_seeds(engine: HFEngine) -> None:
     prompt = prompt_of(engine, "tell me about the fox")
     tokens, text, finish = collect(engine.generate(request(prompt, max_tokens=12)))
     assert finish.finish_reason == "length" and len(tokens) == 12
@@ -132,7 +133,7 @@ def test_max_tokens_stop_strings_and_seeds(engine: HFEngine):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_long_prefill_is_interleaved_with_decoding(tiny_model_dir: Path, tmp_path: Path):
+def test_long_prefill_is_interleaved_with_decoding(tiny_model_dir: Path, tmp_path: Path) -> None:
     eng = HFEngine(tiny_model_dir, settings=settings(tmp_path))  # never started: we drive it
     short = eng.make_sequence(request(prompt_of(eng, "hi"), "short", max_tokens=6))
     long_prompt = prompt_of(eng, "a very long document " * 40)
@@ -151,7 +152,7 @@ def test_long_prefill_is_interleaved_with_decoding(tiny_model_dir: Path, tmp_pat
     assert iterations == -(-len(long_prompt) // CHUNK)  # one chunk-sized piece per iteration
 
 
-def test_invalid_requests_fail_before_queueing(engine: HFEngine):
+def test_invalid_requests_fail_before_queueing(engine: HFEngine) -> None:
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         engine.generate(request([1, 2, 10**6]))
     with pytest.raises(InvalidRequestError, match="at least one token"):
@@ -161,7 +162,7 @@ def test_invalid_requests_fail_before_queueing(engine: HFEngine):
     assert engine.health()["waiting"] == 0
 
 
-def test_a_failing_request_does_not_affect_others(engine: HFEngine):
+def test_a_failing_request_does_not_affect_others(engine: HFEngine) -> None:
     good = prompt_of(engine, "a healthy request")
     expected = collect(engine.generate(request(good, max_tokens=6)))[0]
     # bypass validation to make the model itself fail inside the scheduler
@@ -191,7 +192,7 @@ def test_a_failing_request_does_not_affect_others(engine: HFEngine):
     assert engine.scheduler.alive
 
 
-def test_abort_frees_the_slot(tiny_model_dir: Path, tmp_path: Path):
+def test_abort_frees_the_slot(tiny_model_dir: Path, tmp_path: Path) -> None:
     metrics = Metrics()
     eng = HFEngine(tiny_model_dir, settings=settings(tmp_path, max_batch=1), metrics=metrics)
     prompt = prompt_of(eng, "a long story")
@@ -223,7 +224,9 @@ def test_abort_frees_the_slot(tiny_model_dir: Path, tmp_path: Path):
     assert 'kvfactory_running_requests{model="tiny-llama"} 0.0' in rendered
 
 
-def test_overload_is_an_immediate_error_and_loses_nothing(tiny_model_dir: Path, tmp_path: Path):
+def test_overload_is_an_immediate_error_and_loses_nothing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     eng = HFEngine(tiny_model_dir, settings=settings(tmp_path, max_queue=2))
     prompt = prompt_of(eng, "queued")
     accepted = [eng.generate(request(prompt, f"q{i}", max_tokens=3)) for i in range(2)]
@@ -240,7 +243,7 @@ def test_overload_is_an_immediate_error_and_loses_nothing(tiny_model_dir: Path, 
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_reuse_through_a_real_store(tiny_model_dir: Path, tmp_path: Path, exact: bool):
+def test_reuse_through_a_real_store(tiny_model_dir: Path, tmp_path: Path, exact: bool) -> None:
     conf = settings(tmp_path, exact_prefill=exact)
     metrics, incidents = Metrics(), IncidentLog()
     store = open_store(conf, metrics=metrics.store, incidents=incidents)
@@ -284,7 +287,7 @@ class SlowWrites:
         self._store.put_many(blocks)
 
 
-def test_a_repeat_waits_for_the_write_still_in_flight(tiny_model_dir: Path, tmp_path: Path):
+def test_a_repeat_waits_for_the_write_still_in_flight(tiny_model_dir: Path, tmp_path: Path) -> None:
     conf = settings(tmp_path)
     store = open_store(conf)
     eng = HFEngine(tiny_model_dir, settings=conf, store=SlowWrites(store, delay_s=1.0))
@@ -301,7 +304,7 @@ def test_a_repeat_waits_for_the_write_still_in_flight(tiny_model_dir: Path, tmp_
         store.close()
 
 
-def test_reuse_off_never_touches_the_store(tiny_model_dir: Path, tmp_path: Path):
+def test_reuse_off_never_touches_the_store(tiny_model_dir: Path, tmp_path: Path) -> None:
     conf = settings(tmp_path, reuse=False)
     store = open_store(conf)
     eng = HFEngine(tiny_model_dir, settings=conf, store=store)

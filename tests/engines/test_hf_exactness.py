@@ -103,7 +103,7 @@ def greedy(
 
 def test_greedy_output_with_reuse_equals_output_without(
     model_dir: Path, reference: HFEngine, tmp_path: Path
-):
+) -> None:
     engine, store = start(make_settings(model_dir, tmp_path / "store"), with_store=True)
     try:
         base = engine.tokenize(DOCUMENT)
@@ -135,7 +135,7 @@ def test_greedy_output_with_reuse_equals_output_without(
 
 def test_corrupt_block_on_disk_is_recomputed_exactly(
     model_dir: Path, reference: HFEngine, tmp_path: Path
-):
+) -> None:
     settings = make_settings(model_dir, tmp_path / "store", memory_bytes=0)  # disk only
     engine, store = start(settings, with_store=True)
     try:
@@ -188,7 +188,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_a_fresh_process_reuses_the_disk_store_exactly(model_dir: Path, tmp_path: Path):
+def test_a_fresh_process_reuses_the_disk_store_exactly(model_dir: Path, tmp_path: Path) -> None:
     settings = make_settings(model_dir, tmp_path / "store", chunk_tokens=256)
     engine, store = start(settings, with_store=True)
     try:
@@ -229,7 +229,7 @@ def test_a_fresh_process_reuses_the_disk_store_exactly(model_dir: Path, tmp_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_chunk_aligned_warm_logits_are_bit_identical(model_dir: Path, dtype: torch.dtype):
+def test_chunk_aligned_warm_logits_are_bit_identical(model_dir: Path, dtype: torch.dtype) -> None:
     """The claim exact mode rests on: KV loaded from blocks plus the remaining chunk-aligned
     pieces gives exactly the logits (and KV) of a cold chunk-aligned prefill."""
     runner = ModelRunner.load(model_dir, device=torch.device("cpu"), dtype=dtype)

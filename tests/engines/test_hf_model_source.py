@@ -16,7 +16,7 @@ from kvfactory.telemetry.incidents import IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
 
-def test_bad_model_folders_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path):
+def test_bad_model_folders_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
     not_a_dir = tmp_path / "file.bin"
     not_a_dir.write_bytes(b"x")
     no_weights = tmp_path / "no-weights"
@@ -40,12 +40,12 @@ def test_bad_model_folders_are_one_line_errors(tmp_path: Path, tiny_model_dir: P
     assert "\n" not in str(info.value)
 
 
-def test_the_default_gguf_is_found_without_importing_its_package():
+def test_the_default_gguf_is_found_without_importing_its_package() -> None:
     path = find_default_gguf()
     assert path.name == GGUF_FILE and path.stat().st_size > 50_000_000
 
 
-def test_weight_free_helpers_match_the_engine(tiny_model_dir: Path, tmp_path: Path):
+def test_weight_free_helpers_match_the_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = Settings(model=tiny_model_dir, home=tmp_path / "home", chunk_tokens=32)
     engine = HFEngine.from_settings(
         settings, store=None, metrics=Metrics(), incidents=IncidentLog()

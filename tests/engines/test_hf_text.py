@@ -28,7 +28,7 @@ def draws(params: SamplingParams, logits: torch.Tensor, n: int = 40) -> list[int
     return [sampler(logits) for _ in range(n)]
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent():
+def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
     logits = logits_fixture() * 0.1  # nearly flat: many tokens are likely
     same = draws(SamplingParams(temperature=1.0, seed=7), logits)
     assert same == draws(SamplingParams(temperature=1.0, seed=7), logits)
@@ -36,7 +36,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     assert len(set(same)) > 5
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy():
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
     logits = logits_fixture()
     best = int(torch.argmax(logits))
     assert TokenSampler(SamplingParams(temperature=0.0))(logits) == best
@@ -44,7 +44,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     assert set(draws(SamplingParams(temperature=1.5, top_p=1e-6, seed=1), logits)) == {best}
 
 
-def test_top_k_and_top_p_keep_the_right_support():
+def test_top_k_and_top_p_keep_the_right_support() -> None:
     logits = logits_fixture()
     probs = TokenSampler(SamplingParams(temperature=1.0, top_k=3, seed=0)).distribution(logits)
     assert int((probs > 0).sum()) == 3
@@ -60,7 +60,7 @@ def test_top_k_and_top_p_keep_the_right_support():
     assert abs(float(nucleus.sum()) - 1.0) < 1e-5
 
 
-def test_multibyte_characters_are_never_split(tokenizer: Any):
+def test_multibyte_characters_are_never_split(tokenizer: Any) -> None:
     text = "naïve café 世界 你好 🎉🚀 done"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text.split())  # the rare characters really are split into bytes
@@ -71,7 +71,7 @@ def test_multibyte_characters_are_never_split(tokenizer: Any):
     assert "" in deltas  # some tokens completed no character on their own
 
 
-def test_stop_strings_are_cut_and_never_emitted():
+def test_stop_strings_are_cut_and_never_emitted() -> None:
     stops = StopStringFilter(["STOP", "\n\n"])
     emitted = [stops.push(part) for part in ["Hel", "lo S", "T", "OP and more"]]
     assert "".join(emitted) == "Hello " and stops.stopped
@@ -82,7 +82,7 @@ def test_stop_strings_are_cut_and_never_emitted():
     assert partial.push(" ST") == " " and partial.flush() == "ST"
 
 
-def test_text_stream_with_stop_across_tokens(tokenizer: Any):
+def test_text_stream_with_stop_across_tokens(tokenizer: Any) -> None:
     ids = tokenizer("the lazy dog jumps", add_special_tokens=False)["input_ids"]
     stream = TextStream.create(tokenizer, (), ["azy d"])
     text = ""

@@ -7,6 +7,8 @@ tensors shaped like vLLM CPU's and CUDA flash attention's KV caches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ BLOCK = 4  # two vLLM blocks per store chunk
 
 
 @pytest.fixture
-def store() -> ContextStore:
+def store() -> Iterator[ContextStore]:
     with ContextStore([MemoryTier(1 << 20)], chunk_tokens=CHUNK) as opened:
         yield opened
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_healthy
 from kvfactory.config import Settings
@@ -144,7 +145,7 @@ def _alive(pid: int) -> bool:
     return stat.is_file() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
-def _long_messages(topic: str) -> list[dict[str, str]]:
+def _long_messages(topic: str) -> list[ChatCompletionMessageParam]:
     """A chat prompt of about 900 tokens about ``topic`` (several vLLM blocks)."""
     facts = " ".join(
         f"Fact {i}: the {topic} number {i} weighs {7 * i + 3} grams." for i in range(60)
@@ -156,12 +157,12 @@ def _long_messages(topic: str) -> list[dict[str, str]]:
 
 
 def _ask(
-    gateway: Gateway, messages: list[dict[str, str]], tenant: str = "a"
+    gateway: Gateway, messages: list[ChatCompletionMessageParam], tenant: str = "a"
 ) -> tuple[str, int, int]:
     """Greedy answer, prompt tokens and cached prompt tokens."""
     reply = gateway.client(tenant).chat.completions.create(
         model=gateway.model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=12,
         temperature=0,
     )
@@ -205,16 +206,18 @@ def test_chat_non_streaming(gateway: Gateway) -> None:
 
 @needs_vllm
 def test_chat_streaming_matches_non_streaming(gateway: Gateway) -> None:
-    messages = [{"role": "user", "content": "Count from one to five in words."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Count from one to five in words."}
+    ]
     whole = gateway.client().chat.completions.create(
         model=gateway.model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=20,
         temperature=0,
     )
     stream = gateway.client().chat.completions.create(
         model=gateway.model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=20,
         temperature=0,
         stream=True,
@@ -240,12 +243,14 @@ def test_chat_streaming_matches_non_streaming(gateway: Gateway) -> None:
 @needs_vllm
 def test_sampling_parameters_reach_vllm(gateway: Gateway) -> None:
     client = gateway.client()
-    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write a short poem about the sea."}
+    ]
 
     def complete(**sampling: Any) -> tuple[str, str | None]:
         reply = client.chat.completions.create(
             model=gateway.model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             max_tokens=24,
             **sampling,
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from kvfactory.bench.servers import ServerStartError, running_server
 
@@ -64,7 +65,7 @@ def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
 
 
-def _ask(content: str) -> list[dict[str, str]]:
+def _ask(content: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": content}]
 
 
@@ -145,7 +146,7 @@ def test_repeated_long_prompt_reuses_kv_with_identical_output(
     client: openai.OpenAI, server: Server
 ) -> None:
     facts = " ".join(f"Fact {i}: item {i} weighs {3 * i + 1} grams." for i in range(70))
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": facts},
         {"role": "user", "content": "How much does item 7 weigh?"},
     ]

@@ -4,6 +4,7 @@ export/import round-trips a session and refuses a tampered document."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -73,7 +74,9 @@ def test_untouched_chain_verifies(store: SessionStore) -> None:
     ],
     ids=["edited-entry", "removed-middle", "removed-newest", "edited-version"],
 )
-def test_tampering_is_detected(store: SessionStore, tamper, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_tampering_is_detected(
+    store: SessionStore, tamper: Callable[[str], sa.Executable], expected: str
+) -> None:
     session_id = _session(store)
     _execute(store, tamper(session_id))
     report = store.verify()

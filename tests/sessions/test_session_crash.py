@@ -42,8 +42,8 @@ def test_sigkilled_writer_loses_no_acknowledged_turn(tmp_path: Path) -> None:
             session_id = store.create("acme", "smol", [Message("system", "s", pinned=True)]).id
         acknowledged: dict[int, str] = {}
         for line in _run_and_kill(url, session_id, trial, rng.uniform(0.3, 1.2)):
-            _, number, text = line.rstrip("\n").split(" ", 2)
-            acknowledged[int(number)] = text
+            _, acked_number, text = line.rstrip("\n").split(" ", 2)
+            acknowledged[int(acked_number)] = text
         with SessionStore(url) as store:
             versions = {v.number: v for v in store.versions(session_id, "acme")}
             for number, text in acknowledged.items():

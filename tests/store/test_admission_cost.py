@@ -101,10 +101,12 @@ def test_observations_update_an_ewma() -> None:
 
 def test_observations_are_thread_safe() -> None:
     model = CostModel(smoothing=0.3)
-    threads = [
-        threading.Thread(target=lambda: [model.observe_recompute(50, 0.1) for _ in range(200)])
-        for _ in range(8)
-    ]
+
+    def observe() -> None:
+        for _ in range(200):
+            model.observe_recompute(50, 0.1)
+
+    threads = [threading.Thread(target=observe) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -119,7 +121,7 @@ def test_observations_are_thread_safe() -> None:
 )
 def test_cost_model_rejects_bad_settings(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        CostModel(**kwargs)  # type: ignore[arg-type]
+        CostModel(**kwargs)
 
 
 @pytest.mark.parametrize(("tokens", "seconds"), [(0, 1.0), (10, -1.0), (10, math.nan)])

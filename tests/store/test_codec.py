@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from kvfactory._types import BlockKey
 from kvfactory.errors import BlockCorruptError, BlockFormatError
 from kvfactory.store.codec import (
     CHECKSUM_SIZE,
@@ -73,7 +74,7 @@ def test_payload_damage_passes_when_verification_is_off(block: KVBlock) -> None:
 def test_wrong_key_is_corrupt(block: KVBlock, namespace: Namespace) -> None:
     data = encode_block(block)
     with pytest.raises(BlockCorruptError, match="holds key"):
-        decode_block(data, expected_key=block.header.parent)
+        decode_block(data, expected_key=BlockKey(block.header.parent))
 
 
 @pytest.mark.parametrize(
@@ -89,8 +90,10 @@ def test_wrong_key_is_corrupt(block: KVBlock, namespace: Namespace) -> None:
     ],
     ids=["magic", "version", "truncated", "extended", "cut-header", "empty", "header-len"],
 )
-def test_malformed_bytes_are_format_errors(block: KVBlock, damage: object) -> None:
-    data = damage(encode_block(block))  # type: ignore[operator]
+def test_malformed_bytes_are_format_errors(
+    block: KVBlock, damage: Callable[[bytes], bytes]
+) -> None:
+    data = damage(encode_block(block))
     with pytest.raises(BlockFormatError):
         decode_block(data)
     with pytest.raises(BlockFormatError):

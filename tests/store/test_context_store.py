@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvfactory._types import ModelFingerprint
 from kvfactory.config import GiB, Settings
 from kvfactory.errors import ConfigError, StoreError
 from kvfactory.store import (
@@ -304,7 +305,7 @@ def test_clear_drops_every_block(
 
 
 def test_bad_input_is_refused_with_a_clear_error(
-    open_local: OpenStore, namespace: Namespace, make_blocks: MakeBlocks, fingerprint: object
+    open_local: OpenStore, namespace: Namespace, make_blocks: MakeBlocks
 ) -> None:
     store = open_local()
     block = make_blocks(prompt(16), namespace)[0]
@@ -314,9 +315,7 @@ def test_bad_input_is_refused_with_a_clear_error(
     with pytest.raises(ValueError, match="15 tokens"):
         store.put(short)
     other = Namespace.create(
-        fingerprint.__class__(  # type: ignore[attr-defined]
-            "sha256:test-weights", "sha256:test-tokenizer", "l", "float32", 32
-        )
+        ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "l", "float32", 32)
     )
     with pytest.raises(ValueError, match="chunk_tokens=32"):
         store.lookup(prompt(64), other)

@@ -51,11 +51,11 @@ def run_and_kill(directory: Path, seed: int, delay_s: float) -> list[BlockKey]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert child.stdout is not None
+    assert child.stdout is not None and child.stderr is not None
     first = child.stdout.readline()
     if not first:
         child.wait()
-        raise AssertionError(f"writer died before writing: {child.stderr.read()!r}")  # type: ignore[union-attr]
+        raise AssertionError(f"writer died before writing: {child.stderr.read()!r}")
     time.sleep(delay_s)
     child.kill()
     child.wait()

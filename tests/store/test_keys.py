@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import blake3
 import numpy as np
 import pytest
 
-from kvfactory._types import BlockKey, ModelFingerprint, NamespaceId
+from kvfactory._types import ModelFingerprint, NamespaceId
 from kvfactory.store.codec import BlockHeader, KVBlock, encode_block
 from kvfactory.store.keys import Namespace, chunk_key, chunk_keys, namespace_id
 
@@ -165,7 +167,10 @@ def test_token_containers_agree(namespace: Namespace) -> None:
     tokens = list(range(5, 5 + 3 * namespace.chunk_tokens))
     expected = chunk_keys(tokens, namespace)
     assert chunk_keys(tuple(tokens), namespace) == expected
-    assert chunk_keys(np.asarray(tokens, dtype=np.int32), namespace) == expected
+    # chunk_keys packs any iterable of ints (array.array), numpy arrays included, but its
+    # TokenIds annotation is Sequence[int], which an ndarray is not to the type checker.
+    as_array = cast("Sequence[int]", np.asarray(tokens, dtype=np.int32))
+    assert chunk_keys(as_array, namespace) == expected
     assert chunk_keys(tokens, NamespaceId(namespace.id), namespace.chunk_tokens) == expected
 
 
@@ -185,4 +190,4 @@ def test_keys_are_32_byte_digests(namespace: Namespace) -> None:
     keys = chunk_keys(list(range(namespace.chunk_tokens)), namespace)
     assert len(namespace.id) == 32
     assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
-    assert BlockKey(keys[0]) != namespace.id
+    assert bytes(keys[0]) != bytes(namespace.id)

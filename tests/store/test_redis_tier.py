@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -169,7 +170,8 @@ def test_memory_budget_is_enforced_by_the_server_and_evictions_counted(
     try:
         tier.put_many(blocks)
         server = redis_server.client()
-        assert int(server.config_get("maxmemory")["maxmemory"]) == budget
+        maxmemory = server.config_get("maxmemory")["maxmemory"]
+        assert maxmemory is not None and int(maxmemory) == budget
         assert server.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
         stats = tier.stats()
         assert stats.extra["budget_mode"] == "server" and stats.capacity_bytes == budget
@@ -180,7 +182,7 @@ def test_memory_budget_is_enforced_by_the_server_and_evictions_counted(
         tier.close()
 
 
-def test_budget_is_tracked_when_the_server_refuses_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_budget_is_tracked_when_the_server_refuses_config(tmp_path: Path) -> None:
     from redis_fixtures import require_redis_server
 
     require_redis_server()
@@ -236,7 +238,8 @@ def test_kill_mid_workload_degrades_to_misses_with_one_incident_then_recovers(
         wait_until(lambda: calls[0] >= before + 50)  # still answering while down
         assert tier.get_many(keys) == [None] * 4 and tier.put(*blocks[0]) is False
         assert list(tier.keys()) == [] and tier.contains_many(keys) == [False] * 4
-        assert tier.stats().extra["skipped_calls"] > 0
+        skipped = tier.stats().extra["skipped_calls"]
+        assert isinstance(skipped, int) and skipped > 0
         assert len(incidents.recent(kind=IncidentKind.TIER_DOWN)) == 1
 
         redis_server.start()  # same port, empty memory
@@ -284,7 +287,8 @@ def test_a_hung_server_times_out_then_hits_resume(redis_server: RedisServer) -> 
             assert tier.get(key) is None
             assert tier.get(key) is None  # backing off: answered without the network
             assert kinds(incidents, IncidentKind.TIER_DOWN) == 1
-            assert tier.stats().extra["skipped_calls"] >= 1
+            skipped = tier.stats().extra["skipped_calls"]
+            assert isinstance(skipped, int) and skipped >= 1
         finally:
             redis_server.resume()
         wait_until(lambda: tier.get(key) == data)
@@ -293,7 +297,7 @@ def test_a_hung_server_times_out_then_hits_resume(redis_server: RedisServer) -> 
         tier.close()
 
 
-def test_unreachable_from_the_start_is_a_miss_not_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_from_the_start_is_a_miss_not_an_error(tmp_path: Path) -> None:
     incidents = IncidentLog()
     tier = RedisTier(f"redis://127.0.0.1:{free_port()}", incidents=incidents)
     key, data = make_blocks(1)[0]
@@ -319,7 +323,7 @@ def test_cluster_round_trip_spreads_keys_over_nodes(redis_cluster: RedisClusterP
         assert sum(per_node) == 24 and sum(1 for n in per_node if n > 0) >= 2
         for port in redis_cluster.ports:
             maxmemory = redis_cluster.node_client(port).config_get("maxmemory")["maxmemory"]
-            assert int(maxmemory) == (300 << 20) // 3
+            assert maxmemory is not None and int(maxmemory) == (300 << 20) // 3
         assert sorted(tier.keys()) == sorted(keys)
         stats = tier.stats()
         assert stats.blocks == 24 and stats.extra["cluster"] is True
@@ -374,7 +378,9 @@ def test_corrupt_value_in_redis_is_detected_deleted_and_cuts_the_prefix(
     server = redis_server.client()
     name = b"store:" + blocks[2].key.hex().encode()
     offset = server.strlen(name) // 2  # inside the payload
-    flipped = bytes([server.getrange(name, offset, offset)[0] ^ 0x01])
+    original = server.getrange(name, offset, offset)
+    assert isinstance(original, bytes)  # the client does not decode responses
+    flipped = bytes([original[0] ^ 0x01])
     server.setrange(name, offset, flipped)
     with open_store(redis_server.url, incidents) as reader:
         found = reader.lookup(tokens, NAMESPACE)

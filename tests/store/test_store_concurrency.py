@@ -231,7 +231,11 @@ def test_queue_close_returns_what_it_could_not_write() -> None:
         assert queue.submit("d")
     assert queue.flush(timeout=10) and written == ["d"]
     gate = threading.Event()
-    blocked: WriteBehindQueue[str] = WriteBehindQueue(lambda _job: gate.wait(), capacity=8)
+
+    def wait_for_gate(_job: str) -> None:
+        gate.wait()
+
+    blocked: WriteBehindQueue[str] = WriteBehindQueue(wait_for_gate, capacity=8)
     for job in "xyz":
         blocked.submit(job)
     abandoned = blocked.close(timeout=0.05)

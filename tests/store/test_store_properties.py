@@ -25,6 +25,7 @@ from kvfactory.store import (
     KVBlock,
     MemoryTier,
     Namespace,
+    Tier,
     chunk_keys,
     encode_block,
 )
@@ -79,7 +80,7 @@ class _StoreMachine(RuleBasedStateMachine):
 
     def draw_prompt(self, data: st.DataObject) -> list[int]:
         """A prompt put before (most of the time, once there is one) or a fresh one."""
-        if self.put_prompts and data.draw(st.integers(0, 3)):
+        if self.put_prompts and data.draw(st.integers(0, 3)) != 0:
             base = data.draw(st.sampled_from(self.put_prompts))
             cut = data.draw(st.integers(0, len(base)))
             return base[:cut] + data.draw(st.lists(st.integers(0, 1), max_size=CHUNK + 1))
@@ -219,9 +220,8 @@ class CrowdedStore(_StoreMachine):
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
         key = self.draw_put_key(data)
-        for tier in data.draw(
-            st.sampled_from([[self.memory], [self.disk], [self.memory, self.disk]])
-        ):
+        choices: list[list[Tier]] = [[self.memory], [self.disk], [self.memory, self.disk]]
+        for tier in data.draw(st.sampled_from(choices)):
             tier.delete(key)
 
     @invariant()

@@ -141,7 +141,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Stage:
     stage = Stage(home=root / "home", store_dir=root / "store")
     with VLLMDriver(stage.options(model_dir), log_path=root / "first.log") as first:
         for name, prompt in PROMPTS.items():
-            salts = ["tenant-a"] if name == "salted" else None
+            salts: list[str | None] | None = ["tenant-a"] if name == "salted" else None
             before = stage.block_files()
             cold = first.generate([prompt], MAX_TOKENS, salts)
             warm = first.generate([prompt], MAX_TOKENS, salts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,9 @@ from factory_procs import (
     running_gateway,
     upstreams,
 )
+from openai import Omit, omit
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 from typer.testing import CliRunner
 
 from kvfactory.cli import app as cli_app
@@ -115,26 +118,51 @@ def client(gateway: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=30)
 
 
-def ask(text: str) -> list[dict[str, str]]:
+def ask(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
 def chat(
-    client: openai.OpenAI, route: str, text: str = "hello there", **kw: object
-) -> tuple[str, str, httpx.Headers]:
+    client: openai.OpenAI,
+    route: str,
+    text: str = "hello there",
+    *,
+    max_tokens: int = 16,
+    extra_body: dict[str, object] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> tuple[str, str, Mapping[str, str]]:
     raw = client.chat.completions.with_raw_response.create(
-        model=route, messages=ask(text), temperature=0, max_tokens=kw.pop("max_tokens", 16), **kw
+        model=route,
+        messages=ask(text),
+        temperature=0,
+        max_tokens=max_tokens,
+        extra_body=extra_body,
+        extra_headers=extra_headers,
     )
     completion = raw.parse()
     return completion.choices[0].message.content or "", completion.model, raw.headers
 
 
 def stream_text(
-    client: openai.OpenAI, route: str, text: str, **kw: object
-) -> tuple[str, list[object]]:
-    pieces, usages = [], []
+    client: openai.OpenAI,
+    route: str,
+    text: str,
+    *,
+    stream_options: ChatCompletionStreamOptionsParam | Omit = omit,
+    extra_body: dict[str, object] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> tuple[str, list[CompletionUsage]]:
+    pieces: list[str] = []
+    usages: list[CompletionUsage] = []
     for chunk in client.chat.completions.create(
-        model=route, messages=ask(text), temperature=0, max_tokens=16, stream=True, **kw
+        model=route,
+        messages=ask(text),
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        stream_options=stream_options,
+        extra_body=extra_body,
+        extra_headers=extra_headers,
     ):
         if chunk.usage is not None:
             usages.append(chunk.usage)
@@ -369,7 +397,7 @@ def test_mid_stream_failure_ends_with_an_error_event_then_done(
     assert error["code"] == "backend_stream_failed" and "amid" in error["message"]
     contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
     assert "".join(c or "" for c in contents) == "alpha heard"  # what came before, intact
-    pieces = []
+    pieces: list[str] = []
     with pytest.raises(openai.APIError):
         for chunk in client.chat.completions.create(
             model="rmid", messages=ask("a b c d"), stream=True

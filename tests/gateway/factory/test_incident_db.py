@@ -64,7 +64,7 @@ backends = ["a", "b"]
 """
 
 
-def _incidents(v1: str, **params: object) -> list[dict[str, object]]:
+def _incidents(v1: str, **params: str | float) -> list[dict[str, object]]:
     response = httpx.get(v1 + "/incidents", params={"limit": 1000, **params}, timeout=10)
     response.raise_for_status()
     data: list[dict[str, object]] = response.json()["data"]
@@ -94,7 +94,8 @@ def test_gateway_incidents_live_in_the_database_across_restarts(
             assert [i["id"] for i in again] == [fallback["id"]]
             assert again[0]["details"] == fallback["details"]
             tenant = fallback["tenant"]
-            assert tenant and _incidents(restarted.v1, tenant=tenant) == again
+            assert isinstance(tenant, str) and tenant
+            assert _incidents(restarted.v1, tenant=tenant) == again
             assert _incidents(restarted.v1, tenant="someone-else") == []
             assert _incidents(restarted.v1, since=time.time() + 60) == []
             assert _incidents(restarted.v1, since=float(str(fallback["at"]))) == again

@@ -185,24 +185,30 @@ def test_a_missing_api_key_variable_is_a_config_error() -> None:
 # -- circuit breaker -------------------------------------------------------------------------
 
 
+def state_of(breaker: CircuitBreaker) -> CircuitState:
+    """The breaker's state, read through a call: mypy keeps ``breaker.state`` narrowed by an
+    earlier ``is`` check across the calls that change it, and calls are never narrowed."""
+    return breaker.state
+
+
 def test_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
     clock = Clock()
     breaker = CircuitBreaker(2, 5.0, clock=clock)
     assert not breaker.record_failure()
-    assert breaker.state is CircuitState.CLOSED
+    assert state_of(breaker) is CircuitState.CLOSED
     assert breaker.record_failure()  # opened: reported once
-    assert breaker.state is CircuitState.OPEN and not breaker.acquire()
+    assert state_of(breaker) is CircuitState.OPEN and not breaker.acquire()
     clock.now = 5.0
-    assert breaker.state is CircuitState.HALF_OPEN
+    assert state_of(breaker) is CircuitState.HALF_OPEN
     assert breaker.acquire() and not breaker.acquire()  # exactly one probe
     assert not breaker.record_failure()  # the probe failed: open again, not "newly opened"
-    assert breaker.state is CircuitState.OPEN
+    assert state_of(breaker) is CircuitState.OPEN
     clock.now = 9.9
     assert not breaker.available()
     clock.now = 10.0
     assert breaker.acquire()
     assert breaker.record_success()
-    assert breaker.state is CircuitState.CLOSED and breaker.consecutive_failures == 0
+    assert state_of(breaker) is CircuitState.CLOSED and breaker.consecutive_failures == 0
 
 
 def test_a_released_probe_can_be_claimed_again() -> None:

@@ -23,6 +23,8 @@ import httpx
 import openai
 import pytest
 from factory_procs import GATEWAY_KEY, GATEWAY_KEY_ENV, Gateway, running_gateway
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from kvfactory.bench.servers import ServerStartError, free_port, running_server
 from kvfactory.gateway.trusted import TENANT_HEADER, TrustedGateway, gateway_key
@@ -101,7 +103,7 @@ def client(base: str, tenant: str | None = None) -> openai.OpenAI:
     return openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=300)
 
 
-def ask(text: str) -> list[dict[str, str]]:
+def ask(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
@@ -125,8 +127,9 @@ def warm(api: openai.OpenAI, model: str, tries: int = 5) -> int:
     return found
 
 
-def _stream(api: openai.OpenAI, model: str, text: str) -> tuple[str, object]:
-    pieces, usage = [], None
+def _stream(api: openai.OpenAI, model: str, text: str) -> tuple[str, CompletionUsage | None]:
+    pieces: list[str] = []
+    usage: CompletionUsage | None = None
     for chunk in api.chat.completions.create(
         model=model, messages=ask(text), max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True},
@@ -154,7 +157,7 @@ def test_in_process_engine_answers_like_the_server_after_a_fallback(stack: Stack
     assert expected and whole.choices[0].message.content == expected
     assert streamed == expected and whole.model == "smol-in"
     assert usage is not None and direct_usage is not None
-    assert usage.completion_tokens == direct_usage.completion_tokens  # type: ignore[attr-defined]
+    assert usage.completion_tokens == direct_usage.completion_tokens
     fallbacks = stack.gateway.incidents_of("fallback", backend="inproc")
     assert fallbacks and fallbacks[0]["details"]["failures"][0]["reason"] == "connect_error"
     snapshot = stack.gateway.backend("inproc")

@@ -17,6 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 from factory_procs import Gateway, running_gateway
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from kvfactory.bench.servers import ServerStartError, free_port, running_server
 
@@ -68,12 +70,13 @@ strategy = "health"
         yield gw
 
 
-def _ask(text: str) -> list[dict[str, str]]:
+def _ask(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
-def _stream(client: openai.OpenAI, model: str, text: str) -> tuple[str, object]:
-    pieces, usage = [], None
+def _stream(client: openai.OpenAI, model: str, text: str) -> tuple[str, CompletionUsage | None]:
+    pieces: list[str] = []
+    usage: CompletionUsage | None = None
     for chunk in client.chat.completions.create(
         model=model, messages=_ask(text), max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True},
@@ -99,7 +102,7 @@ def test_streaming_through_the_gateway_equals_direct(server: str, gateway: Gatew
     assert whole.headers["x-kvfactory-backend"] == "local"  # after the dead one failed
     assert whole.parse().model == "smol"
     assert usage is not None and direct_usage is not None
-    assert usage.completion_tokens == direct_usage.completion_tokens  # type: ignore[attr-defined]
+    assert usage.completion_tokens == direct_usage.completion_tokens
     fallbacks = gateway.incidents_of("fallback")
     assert fallbacks and fallbacks[0]["details"]["failures"][0]["reason"] == "connect_error"
 
