@@ -17,8 +17,10 @@ Several processes may share one directory (replicas on one host, ``kvfactory sto
 stats`` beside a running server). Each keeps its own index: a key it does not hold is
 looked for on disk (one ``stat``) and adopted when another process wrote it; a file
 another process evicted or deleted is a miss and leaves the index. Each process enforces
-its own byte budget over the files it knows, so the smallest budget among them governs the
-directory; recency is each process's own, rebuilt from the shared mtimes at open.
+its own byte budget over the files it knows (its own and those it adopted), so live
+processes together may hold up to the sum of their budgets; a process opening the
+directory counts every file in it and trims to its budget. Recency is each process's own,
+rebuilt from the shared mtimes at open.
 """
 
 from __future__ import annotations
