@@ -30,6 +30,10 @@ prompt. TTFT is the wall time of ``LLM.generate`` with ``max_tokens=1`` inside t
 process (no HTTP). Targets: kvfactory after restart <= 0.12x cold, <= 1.3x the prefix
 cache, and faster than ExampleConnector after restart.
 
+``--shm-bytes N`` gives kvfactory's store an shm tier (host RAM on /dev/shm that outlives
+the process): the restarted engine then reads from it whatever the page-cache state of the
+disk files, which is what a user who enables it gets after a restart.
+
 Run: ``make vllm && .venv/bin/python benchmarks/vllm_connector.py`` (prints a table).
 """
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,6 +105,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument(
+        "--shm-bytes", type=int, default=0, help="kvfactory's shm tier budget (0: none)"
+    )
     args = parser.parse_args()
     if not vllm_available():
         raise SystemExit("vLLM's CPU build is not installed: run `make vllm`")
@@ -122,15 +130,16 @@ def main() -> None:
         "max_model_len": max(args.lengths) + QUESTION_TOKENS + 64,
         "max_num_batched_tokens": max(args.lengths) + QUESTION_TOKENS + 64,
     }
-    kvf = {
-        **common,
-        "connector": "kvfactory",
-        "store": {
-            "home": str(root / "home"),
-            "store_dir": str(root / "store"),
-            "chunk_tokens": args.chunk_tokens,
-        },
+    store: dict[str, object] = {
+        "home": str(root / "home"),
+        "store_dir": str(root / "store"),
+        "chunk_tokens": args.chunk_tokens,
     }
+    shm_dir = None
+    if args.shm_bytes:
+        shm_dir = Path(tempfile.mkdtemp(prefix="kvf-vllm-bench-", dir="/dev/shm"))
+        store.update(shm_bytes=args.shm_bytes, shm_dir=str(shm_dir))
+    kvf = {**common, "connector": "kvfactory", "store": store}
     example = {**common, "connector": "example", "example_path": str(root / "example")}
     (root / "example").mkdir()
     times: dict[Shot, list[float]] = {}
@@ -171,6 +180,8 @@ def main() -> None:
                 for name, driver in warm[turn % 3 :] + warm[: turn % 3]:
                     note(name, shot, *ttft(driver, prompt))
 
+    if shm_dir is not None:
+        shutil.rmtree(shm_dir, ignore_errors=True)
     names = [
         "cold",
         "cold, no connector",
@@ -178,10 +189,11 @@ def main() -> None:
         "kvfactory after restart",
         "ExampleConnector after restart",
     ]
+    tiers = f", shm tier {args.shm_bytes} bytes" if args.shm_bytes else ""
     print(
-        f"\nvLLM {args.block_size}-token blocks, kvfactory {args.chunk_tokens}-token chunks, "
-        f"median of {args.repeats}; TTFT in seconds (cached tokens); ratios are medians of "
-        "per-prompt ratios\n"
+        f"\nvLLM {args.block_size}-token blocks, kvfactory {args.chunk_tokens}-token chunks"
+        f"{tiers}, median of {args.repeats}; TTFT in seconds (cached tokens); ratios are "
+        "medians of per-prompt ratios\n"
     )
     print(
         "| prompt | connectors' files in | "

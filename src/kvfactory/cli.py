@@ -39,7 +39,7 @@ from kvfactory.sessions.commands import register as register_session_commands
 from kvfactory.store.factory import remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
-SIZE_FIELDS = ("memory_bytes", "disk_bytes")
+SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes")
 USAGE_EXIT_CODE = 2
 UNTRIMMED_BYTES = 1 << 62
 """Disk budget used when the CLI only inspects a store: opening never trims blocks."""
@@ -129,6 +129,13 @@ MemoryOpt = Annotated[
     str | None, typer.Option("--memory-bytes", help="Memory tier budget, e.g. 2GiB.")
 ]
 DiskOpt = Annotated[str | None, typer.Option("--disk-bytes", help="Disk tier budget, e.g. 20GiB.")]
+ShmOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shm-bytes",
+        help="RAM tier on /dev/shm that outlives restarts, e.g. 4GiB (default 0: off).",
+    ),
+]
 RemoteOpt = Annotated[
     str | None,
     typer.Option(
@@ -213,6 +220,7 @@ def serve(
     store_dir: StoreDirOpt = None,
     memory_bytes: MemoryOpt = None,
     disk_bytes: DiskOpt = None,
+    shm_bytes: ShmOpt = None,
     chunk_tokens: ChunkOpt = None,
     store_remote: RemoteOpt = None,
     reuse: Annotated[
@@ -247,6 +255,7 @@ def serve(
             "store_dir": store_dir,
             "memory_bytes": memory_bytes,
             "disk_bytes": disk_bytes,
+            "shm_bytes": shm_bytes,
             "chunk_tokens": chunk_tokens,
             "remote_url": store_remote,
             "sessions_url": sessions_db,
@@ -541,11 +550,20 @@ def _store_settings(config: Path | None, store_dir: Path | None, **extra: Any) -
 
 
 def _open_disk_store(settings: Settings) -> Any:
-    """The store over the disk tier only, with a budget that never trims what is there."""
-    from kvfactory.store.factory import open_store
+    """The store over the tiers that outlive a server (shm when configured, then disk),
+    with budgets that never trim what is there."""
+    from kvfactory.store.context_store import ContextStore
+    from kvfactory.store.tiers.disk import DiskTier
 
-    inspect = settings.model_copy(update={"memory_bytes": 0, "disk_bytes": UNTRIMMED_BYTES})
-    return open_store(inspect)
+    tiers = []
+    if settings.shm_bytes > 0:
+        tiers.append(DiskTier(settings.resolved_shm_dir, UNTRIMMED_BYTES, name="shm", fsync=False))
+    tiers.append(DiskTier(settings.resolved_store_dir, UNTRIMMED_BYTES))
+    return ContextStore(tiers, chunk_tokens=settings.chunk_tokens)
+
+
+def _tier_stats(store: Any, name: str) -> Any:
+    return next(tier for tier in store.stats().tiers if tier.name == name)
 
 
 def _require_store_dir(settings: Settings) -> Path:
@@ -567,7 +585,8 @@ def store_stats(
     directory = _require_store_dir(settings)
     store = _open_disk_store(settings)
     try:
-        disk = store.stats().tiers[0]
+        disk = _tier_stats(store, "disk")
+        shm = _tier_stats(store, "shm") if settings.shm_bytes > 0 else None
     finally:
         store.close()
     remote = _remote_stats(settings)
@@ -579,6 +598,13 @@ def store_stats(
         "disk_capacity_bytes": settings.disk_bytes,
         "memory_capacity_bytes": settings.memory_bytes,
     }
+    if shm is not None:
+        report["shm"] = {
+            "dir": str(settings.resolved_shm_dir),
+            "blocks": shm.blocks,
+            "bytes": shm.bytes,
+            "capacity_bytes": settings.shm_bytes,
+        }
     if remote is not None:
         report["remote"] = {
             "url": remote.extra.get("url"),
@@ -599,6 +625,11 @@ def store_stats(
     table.add_row(
         "disk", str(disk.blocks), human_bytes(disk.bytes), human_bytes(settings.disk_bytes), used
     )
+    if shm is not None:
+        share = f"{100 * shm.bytes / settings.shm_bytes:.1f}%"
+        table.add_row(
+            "shm", str(shm.blocks), human_bytes(shm.bytes), human_bytes(settings.shm_bytes), share
+        )
     table.add_row("memory", "-", "-", human_bytes(settings.memory_bytes), "in the server")
     if remote is not None:
         state = str(remote.extra.get("state", "up"))
@@ -631,18 +662,20 @@ def store_clear(
     config: ConfigOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete every block from the disk tier (stop the server using it first)."""
+    """Delete every block from the disk (and shm) tier (stop the server using it first)."""
     settings = _store_settings(config, store_dir)
     directory = _require_store_dir(settings)
     if not yes and not typer.confirm(f"Delete every stored block in {directory}?"):
         raise CommandFailed("nothing deleted")
     store = _open_disk_store(settings)
     try:
-        before = store.stats().tiers[0]
+        before = store.stats().tiers
         store.clear()
     finally:
         store.close()
-    typer.echo(f"deleted {before.blocks} blocks ({human_bytes(before.bytes)}) from {directory}")
+    for tier in before:
+        where = directory if tier.name == "disk" else settings.resolved_shm_dir
+        typer.echo(f"deleted {tier.blocks} blocks ({human_bytes(tier.bytes)}) from {where}")
 
 
 @store_app.command("explain")

@@ -8,6 +8,7 @@ what the settings drive.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from kvfactory.errors import ConfigError
 
 ENV_PREFIX = "KVFACTORY_"
 GiB = 1 << 30
+DEFAULT_SHM_ROOT = Path(f"/dev/shm/kvfactory-{os.getuid() if hasattr(os, 'getuid') else 0}")
+"""Per user: /dev/shm is shared by every account on the host."""
 
 
 def _default_home() -> Path:
@@ -43,6 +46,16 @@ class Settings(BaseModel):
     store_dir: Path | None = Field(default=None, description="disk tier; default: HOME/store")
     memory_bytes: int = Field(default=2 * GiB, ge=0, description="memory tier budget")
     disk_bytes: int = Field(default=20 * GiB, ge=0, description="disk tier budget")
+    shm_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="RAM tier on tmpfs between memory and disk: it outlives the process, so a "
+        "restarted server reads KV at memory speed (0: off)",
+    )
+    shm_dir: Path | None = Field(
+        default=None,
+        description="the RAM tier's folder; default: /dev/shm/kvfactory-<uid>/<store id>",
+    )
     chunk_tokens: int = Field(default=256, ge=16, le=65536)
     eviction: str = "prefix_lru"
     admission: str = Field(
@@ -92,7 +105,7 @@ class Settings(BaseModel):
     )
     vllm_startup_timeout_s: float = Field(default=600.0, gt=0)
 
-    @field_validator("store_dir", mode="after")
+    @field_validator("store_dir", "shm_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -100,6 +113,14 @@ class Settings(BaseModel):
     @property
     def resolved_store_dir(self) -> Path:
         return self.store_dir if self.store_dir is not None else self.home / "store"
+
+    @property
+    def resolved_shm_dir(self) -> Path:
+        """The RAM tier's folder: one per store directory, so two stores never share one."""
+        if self.shm_dir is not None:
+            return self.shm_dir
+        store = os.fspath(self.resolved_store_dir.expanduser().absolute())
+        return DEFAULT_SHM_ROOT / hashlib.blake2b(store.encode(), digest_size=8).hexdigest()
 
     @property
     def resolved_sessions_url(self) -> str:

@@ -1,34 +1,80 @@
-"""Build a ``ContextStore`` from ``Settings``: memory tier, disk tier, then extra tiers.
+"""Build a ``ContextStore`` from ``Settings``: memory, shm, disk, then extra tiers.
 
-A tier whose byte budget is 0 is left out. Extra tiers (the shared Redis tier, built by
-whoever knows its URL) come after disk. This module knows settings and tier constructors,
-nothing about how the store uses them.
+A tier whose byte budget is 0 is left out. The shm tier is a ``DiskTier`` on tmpfs
+(``/dev/shm``) without fsync: host RAM that outlives the process, so a restarted server
+(or vLLM engine) reads its KV at memory speed instead of from the device, and the kernel
+cannot page it out without swap, unlike an idle page-cache copy of a disk block. It does
+not survive a reboot; the disk tier below it does. Its budget is capped at half of the
+tmpfs, which other programs (and vLLM) use too. Extra tiers (the shared Redis tier, built
+by whoever knows its URL) come after disk. This module knows settings and tier
+constructors, nothing about how the store uses them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvfactory.config import Settings
 from kvfactory.errors import ConfigError
 from kvfactory.store.context_store import ContextStore
-from kvfactory.store.tiers.base import Tier
+from kvfactory.store.tiers.base import Tier, TransferCost
 from kvfactory.store.tiers.disk import DiskTier
 from kvfactory.store.tiers.memory import MemoryTier
 from kvfactory.telemetry.incidents import IncidentLog
 from kvfactory.telemetry.metrics import StoreMetrics
 
+SHM_READ_COST = TransferCost(latency_s=2e-5, bytes_per_s=8e9)
+"""A mapped tmpfs file: no device, one ``mmap`` and page-table fill per block."""
+SHM_SHARE_OF_TMPFS = 0.5
+log = logging.getLogger("kvfactory.store")
+
 
 def build_local_tiers(settings: Settings) -> list[Tier]:
-    """Memory then disk, as budgeted by ``settings`` (a 0 budget leaves a tier out)."""
+    """Memory, shm, then disk, as budgeted by ``settings`` (a 0 budget leaves a tier out)."""
     tiers: list[Tier] = []
     if settings.memory_bytes > 0:
         tiers.append(MemoryTier(settings.memory_bytes, eviction=settings.eviction))
+    if settings.shm_bytes > 0:
+        folder = settings.resolved_shm_dir
+        tiers.append(
+            DiskTier(
+                folder,
+                shm_budget(folder, settings.shm_bytes),
+                eviction=settings.eviction,
+                name="shm",
+                fsync=False,  # RAM: nothing to make durable, a reboot empties it anyway
+                read_cost=SHM_READ_COST,
+            )
+        )
     if settings.disk_bytes > 0:
         tiers.append(
             DiskTier(settings.resolved_store_dir, settings.disk_bytes, eviction=settings.eviction)
         )
     return tiers
+
+
+def shm_budget(folder: Path, wanted: int) -> int:
+    """``wanted``, or half of the filesystem holding ``folder`` when that is less."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        stat = os.statvfs(probe)
+    except OSError:
+        return wanted  # the tier's own open reports a folder it cannot use
+    cap = int(stat.f_blocks * stat.f_frsize * SHM_SHARE_OF_TMPFS)
+    if wanted > cap:
+        log.warning(
+            "shm_bytes %d is more than half of the filesystem at %s; using %d bytes",
+            wanted,
+            probe,
+            cap,
+        )
+        return cap
+    return wanted
 
 
 def remote_tiers(
@@ -63,7 +109,8 @@ def open_store(
     tiers = [*build_local_tiers(settings), *extra_tiers]
     if not tiers:
         raise ConfigError(
-            "no context-store tier left: memory_bytes and disk_bytes are 0 and no extra tier"
+            "no context-store tier left: memory_bytes, shm_bytes and disk_bytes are 0 and no "
+            "extra tier"
         )
     return ContextStore(
         tiers,
@@ -75,4 +122,4 @@ def open_store(
     )
 
 
-__all__ = ["build_local_tiers", "open_store", "remote_tiers"]
+__all__ = ["SHM_READ_COST", "build_local_tiers", "open_store", "remote_tiers", "shm_budget"]

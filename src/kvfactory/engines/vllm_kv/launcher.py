@@ -113,6 +113,9 @@ def connector_extra_config(settings: Settings) -> dict[str, Any]:
         "eviction": settings.eviction,
         "admission": settings.admission,
     }
+    if settings.shm_bytes > 0:
+        extra["shm_bytes"] = settings.shm_bytes
+        extra["shm_dir"] = str(settings.resolved_shm_dir)
     if settings.remote_url is not None:
         extra["remote_url"] = settings.remote_url
     return extra
