@@ -460,13 +460,17 @@ def test_launch_names_the_connector_and_the_store(tmp_path: Path) -> None:
     assert isinstance(extra, dict)
     assert extra["store_dir"] == str((tmp_path / "store").resolve())
     assert extra["chunk_tokens"] == 256 and extra["memory_bytes"] == 1 << 20
-    assert "remote_url" not in extra
+    assert "remote_url" not in extra and "shm_bytes" not in extra
     remote = VLLMLaunch.from_settings(
-        _settings(tmp_path, remote_url="redis://127.0.0.1:6390/0"), tmp_path / "m"
+        _settings(tmp_path, remote_url="redis://127.0.0.1:6390/0", shm_bytes=1 << 30),
+        tmp_path / "m",
     )
     remote_extra = (_transfer_config(remote.argv(1)) or {})["kv_connector_extra_config"]
     assert isinstance(remote_extra, dict)
     assert remote_extra["remote_url"] == "redis://127.0.0.1:6390/0"
+    # the shm tier's folder is resolved here, so the connector opens the same one
+    assert remote_extra["shm_bytes"] == 1 << 30
+    assert remote_extra["shm_dir"] == str(_settings(tmp_path).resolved_shm_dir)
     assert set(launch.env) >= {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
     assert launch.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
