@@ -121,3 +121,23 @@ def test_store_commands_see_and_clear_the_shm_tier(
         str(tmp_path / "store"),
     ]
     assert not list(tmp_path.rglob("*.kvb"))
+
+
+def test_a_lasting_promotion_fills_shm_and_leaves_memory_alone(
+    tmp_path: Path, namespace: Namespace, make_blocks: MakeBlocks
+) -> None:
+    """What the vLLM connector asks for on the CPU: vLLM's KV space already holds the
+    loaded KV in host memory, but the next restart should find it in RAM."""
+    settings = settings_for(tmp_path)
+    fill(settings, namespace, make_blocks)
+    shutil.rmtree(tmp_path / "shm")
+    with open_store(settings) as store:
+        assert len(store.load(store.lookup(TOKENS, namespace), promote="lasting")) == 4
+        assert store.flush(timeout=30)
+        memory, shm, _disk = (tier.stats() for tier in store.tiers)
+        assert memory.blocks == 0 and shm.blocks == 4
+        assert len(store.load(store.lookup(TOKENS, namespace), promote=False)) == 4
+        assert store.flush(timeout=30)
+        assert store.tiers[0].stats().blocks == 0
+    with open_store(settings) as restarted:
+        assert [hit.tier for hit in restarted.lookup(TOKENS, namespace).hits] == ["shm"] * 4

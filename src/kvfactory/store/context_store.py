@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
 from kvfactory.errors import BlockCorruptError, StoreError
@@ -261,14 +262,19 @@ class ContextStore:
     # -- load ---------------------------------------------------------------------------
 
     def load(
-        self, hits: LookupResult | Sequence[BlockKey], *, promote: bool = True
+        self,
+        hits: LookupResult | Sequence[BlockKey],
+        *,
+        promote: bool | Literal["lasting"] = True,
     ) -> list[KVBlock]:
         """Blocks of the hit prefix, in order; stops before the first one that cannot be
         read and verified from any tier.
 
         ``promote=False`` leaves blocks read from a slower tier out of the faster ones: for
         a caller that keeps the loaded KV in a faster cache of its own (vLLM's CPU KV
-        space), a second copy in the memory tier only costs host memory."""
+        space), a second copy in the memory tier only costs host memory. ``"lasting"``
+        promotes only into faster tiers that outlive the process (shm): the copy then
+        serves the next restart, not this process."""
         self._check_open()
         if isinstance(hits, LookupResult):
             plan = [(hit.key, hit.chunk_index, self._rank.get(hit.tier)) for hit in hits.hits]
@@ -363,14 +369,25 @@ class ContextStore:
             )
         )
 
-    def _served(self, key: BlockKey, data: BlockBytes, tier_index: int, *, promote: bool) -> None:
+    def _served(
+        self,
+        key: BlockKey,
+        data: BlockBytes,
+        tier_index: int,
+        *,
+        promote: bool | Literal["lasting"],
+    ) -> None:
         tier = self._tiers[tier_index]
         with self._counters_lock:
             by_tier = self._counters.hits_by_tier
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
         self._metrics.hits.labels(tier.name).inc()
         self._metrics.bytes_read.labels(tier.name).inc(len(data))
-        if promote and tier_index > 0:
+        if promote == "lasting":
+            lasting = [t for t in self._tiers[:tier_index] if t.outlives_process]
+            if lasting:
+                self._writer.enqueue(WriteJob(key, data, tuple(lasting)))
+        elif promote and tier_index > 0:
             self._promote(key, data, tier_index)
         skips = self._tombstones.pending_skips(key)
         if skips:  # a reused block earns another chance at the tiers that skipped it

@@ -65,6 +65,8 @@ class Tier(ABC):
     name: str
     verify_on_read: bool = True
     """Whether the store verifies checksums of bytes read here (all tiers but memory)."""
+    outlives_process: bool = True
+    """Whether its blocks are still there after this process exits (all tiers but memory)."""
 
     def __init__(self) -> None:
         self.hooks = TierHooks()

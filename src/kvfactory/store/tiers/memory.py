@@ -26,6 +26,7 @@ class MemoryTier(Tier):
     """Blocks in process memory, bounded by ``capacity_bytes``."""
 
     verify_on_read = False
+    outlives_process = False
 
     def __init__(
         self,
