@@ -18,7 +18,7 @@ from test_disk_tier import dead_pid, make_block, make_chain, recorded_evictions
 from kvfactory._types import BlockKey
 from kvfactory.store.codec import decode_block
 from kvfactory.store.tiers import DiskTier
-from kvfactory.store.tiers.disk import STALE_TEMP_NS
+from kvfactory.store.tiers.block_files import STALE_TEMP_NS
 
 
 def test_a_tier_sees_blocks_another_wrote_after_it_opened(tmp_path: Path) -> None:

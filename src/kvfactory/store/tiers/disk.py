@@ -25,9 +25,7 @@ rebuilt from the shared mtimes at open.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import mmap
 import os
 import threading
 import time
@@ -35,32 +33,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvfactory._types import DIGEST_SIZE, BlockKey
-from kvfactory.errors import BlockFormatError, StoreError
+from kvfactory._types import BlockKey
+from kvfactory.errors import StoreError
 from kvfactory.store.codec import peek_header
 from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
 from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
+from kvfactory.store.tiers.block_files import (
+    BLOCK_SUFFIX,
+    STALE_TEMP_NS,
+    TEMP_SUFFIX,
+    FoundBlock,
+    inspect_block,
+    is_leftover,
+    key_of,
+    read_block_file,
+    unlink,
+)
 
 DEFAULT_DISK_READ_COST = TransferCost(latency_s=1e-4, bytes_per_s=1.5e9)
-BLOCK_SUFFIX = ".kvb"
-TEMP_SUFFIX = ".tmp"
-_KEY_HEX = 2 * DIGEST_SIZE
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in lazily
 _FADV_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)  # not on macOS
-# A temp file this old is a leftover even if a process with its writer's pid is alive:
-# after a container restart the new server often gets the crashed one's pid.
-STALE_TEMP_NS = 3600 * 10**9
-
-
-@dataclass(frozen=True, slots=True)
-class _Found:
-    """A block file found when rebuilding the index."""
-
-    key: BlockKey
-    size: int
-    mtime_ns: int
-    chunk_index: int
-    parent: bytes
 
 
 @dataclass(slots=True)
@@ -128,8 +119,8 @@ class DiskTier(Tier):
         over: list[BlockKey] = []
         self._evict_locked(over)  # a smaller budget than last time: trim now
 
-    def _scan(self) -> list[_Found]:
-        found: list[_Found] = []
+    def _scan(self) -> list[FoundBlock]:
+        found: list[FoundBlock] = []
         with os.scandir(self.directory) as folders:
             fan_out = sorted(f.name for f in folders if len(f.name) == 2 and f.is_dir())
         for name in fan_out:
@@ -141,18 +132,18 @@ class DiskTier(Tier):
                         found.append(block)
         return found
 
-    def _inspect(self, folder: Path, entry: os.DirEntry[str]) -> _Found | None:
+    def _inspect(self, folder: Path, entry: os.DirEntry[str]) -> FoundBlock | None:
         name = entry.name
         if name.endswith(TEMP_SUFFIX):
-            if _is_leftover(entry) and _unlink(Path(entry.path)):
+            if is_leftover(entry) and unlink(Path(entry.path)):
                 self._extra["temp_files_deleted"] += 1
             return None
-        key = _key_of(folder.name, name)
+        key = key_of(folder.name, name)
         if key is None:
             return None
-        found = _inspect_block(key, Path(entry.path))
+        found = inspect_block(key, Path(entry.path))
         if found is None:
-            _unlink(Path(entry.path))
+            unlink(Path(entry.path))
             self._extra["unreadable_deleted"] += 1
         return found
 
@@ -166,7 +157,7 @@ class DiskTier(Tier):
         except OSError:
             return None
         path = self.path_of(key)
-        found = _inspect_block(key, path)
+        found = inspect_block(key, path)
         if found is None:
             return None  # vanished, or unreadable: a later open deletes an unreadable one
         evicted: list[BlockKey] = []
@@ -231,7 +222,7 @@ class DiskTier(Tier):
             stamp = self._next_stamp()
         path = self.path_of(key)
         try:
-            data = _read_file(path, size)
+            data = read_block_file(path, size)
             os.utime(path, ns=(stamp, stamp))
         except OSError:
             data = None  # deleted or evicted by another thread or process since
@@ -289,7 +280,7 @@ class DiskTier(Tier):
         except BaseException:
             for item in staged:
                 if item is not None:
-                    _unlink(item.temp)
+                    unlink(item.temp)
             raise
         evicted: list[BlockKey] = []
         touched: set[Path] = set()
@@ -306,7 +297,7 @@ class DiskTier(Tier):
             except OSError as exc:
                 for item in staged[installed:]:
                     if item is not None:
-                        _unlink(item.temp)
+                        unlink(item.temp)
                 raise StoreError(
                     f"disk tier {self.name!r} could not install a block: {exc}"
                 ) from exc
@@ -342,7 +333,7 @@ class DiskTier(Tier):
             finally:
                 os.close(fd)
         except OSError as exc:
-            _unlink(temp)
+            unlink(temp)
             raise StoreError(f"disk tier write of {final.name} failed: {exc}") from exc
         return _Staged(key, temp, len(data), chunk_index, parent)
 
@@ -358,8 +349,8 @@ class DiskTier(Tier):
         # more than the budget; a declined newcomer's temp file is simply dropped.
         self._evict_locked(evicted, declined=item.key)
         if item.key not in self._sizes:
-            _unlink(item.temp)
-            _unlink(self.path_of(item.key))  # an older copy of the same key, if any
+            unlink(item.temp)
+            unlink(self.path_of(item.key))  # an older copy of the same key, if any
             return False
         os.replace(item.temp, self.path_of(item.key))
         return True
@@ -384,7 +375,7 @@ class DiskTier(Tier):
         if size is not None:
             self._bytes -= size
             self._policy.on_remove(key)
-        return _unlink(self.path_of(key)) or size is not None
+        return unlink(self.path_of(key)) or size is not None
 
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
@@ -450,100 +441,4 @@ class DiskTier(Tier):
             os.close(fd)
 
 
-def _read_file(path: Path, size: int) -> BlockBytes:
-    """The file's bytes: a read-only map of it when it has the indexed size.
-
-    Mapping with ``MAP_POPULATE`` fills the page tables from the page cache in one call:
-    no copy, and no page fault per 4 KiB, which is what reading into fresh heap memory
-    costs (~15-35 us each on a VM; ~0.25 s per 94 MB prompt measured against ~12 ms).
-    Files are replaced by rename and removed by unlink, never rewritten in place, so a map
-    stays valid after the block leaves the tier. A file of another size is read instead:
-    its checksum then fails and the store treats it as corrupt. A live map holds a file
-    descriptor (CPython dups it) until its last view is dropped; the store's callers copy
-    a load into their own buffers and drop it, so a load holds one per block at most."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if size > 0 and os.fstat(fd).st_size == size:
-            with contextlib.suppress(OSError):  # a filesystem that cannot map: read it
-                flags = mmap.MAP_SHARED | _MAP_POPULATE
-                return memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ))
-        data = os.read(fd, size)
-        if len(data) == size:
-            return data
-        chunks = [data]  # short read (huge files, signals): finish the rest
-        while chunk := os.read(fd, size):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _key_of(folder: str, name: str) -> BlockKey | None:
-    """The key a ``.kvb`` file name spells, if it is one of ours in the right folder."""
-    stem = name[: -len(BLOCK_SUFFIX)]
-    if not name.endswith(BLOCK_SUFFIX) or len(stem) != _KEY_HEX or stem[:2] != folder:
-        return None
-    try:
-        return BlockKey(bytes.fromhex(stem))
-    except ValueError:
-        return None
-
-
-def _inspect_block(key: BlockKey, path: Path) -> _Found | None:
-    """Size, mtime and chain position of a block file; ``None`` if absent or unreadable."""
-    try:
-        stat = os.stat(path)
-        chunk_index, parent = _read_chain_position(path)
-    except (OSError, ValueError, BlockFormatError):
-        return None
-    return _Found(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent)
-
-
-def _is_leftover(entry: os.DirEntry[str]) -> bool:
-    """Whether a temp file was left by a writer that is gone (or is too old to be live).
-
-    The name is ``.<key hex>.<pid>.<n>.tmp``; a process with that pid still running may be
-    writing it right now (a server beside ``kvfactory store stats``, or a replica)."""
-    parts = entry.name.split(".")
-    try:
-        pid = int(parts[2])
-        age_ns = time.time_ns() - entry.stat().st_mtime_ns
-    except (IndexError, ValueError, OSError):
-        return True
-    return age_ns > STALE_TEMP_NS or not _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    except OSError:
-        return False
-    return True
-
-
-def _read_chain_position(path: Path) -> tuple[int, bytes]:
-    """Chunk index and parent from a block file's header, without reading its payload."""
-    with open(path, "rb") as file:
-        # Not a context manager: a parse error's traceback still holds views of the map,
-        # and closing it then would raise; the map is unmapped when the last view goes.
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    header = peek_header(memoryview(mapped))
-    return header.chunk_index, header.parent
-
-
-def _unlink(path: Path) -> bool:
-    """Remove ``path``; whether it was there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-__all__ = ["BLOCK_SUFFIX", "DEFAULT_DISK_READ_COST", "STALE_TEMP_NS", "TEMP_SUFFIX", "DiskTier"]
+__all__ = ["DEFAULT_DISK_READ_COST", "DiskTier"]
