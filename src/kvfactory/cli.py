@@ -556,10 +556,16 @@ def _open_disk_store(settings: Settings) -> Any:
     from kvfactory.store.tiers.disk import DiskTier
 
     tiers = []
-    if settings.shm_bytes > 0:
+    if _has_shm(settings):
         tiers.append(DiskTier(settings.resolved_shm_dir, UNTRIMMED_BYTES, name="shm", fsync=False))
     tiers.append(DiskTier(settings.resolved_store_dir, UNTRIMMED_BYTES))
     return ContextStore(tiers, chunk_tokens=settings.chunk_tokens)
+
+
+def _has_shm(settings: Settings) -> bool:
+    """Whether the store has an shm tier: configured here, or left by a server that had one
+    (``serve --shm-bytes`` is often given on the command line only)."""
+    return settings.shm_bytes > 0 or settings.resolved_shm_dir.is_dir()
 
 
 def _tier_stats(store: Any, name: str) -> Any:
@@ -586,7 +592,7 @@ def store_stats(
     store = _open_disk_store(settings)
     try:
         disk = _tier_stats(store, "disk")
-        shm = _tier_stats(store, "shm") if settings.shm_bytes > 0 else None
+        shm = _tier_stats(store, "shm") if _has_shm(settings) else None
     finally:
         store.close()
     remote = _remote_stats(settings)
@@ -626,9 +632,13 @@ def store_stats(
         "disk", str(disk.blocks), human_bytes(disk.bytes), human_bytes(settings.disk_bytes), used
     )
     if shm is not None:
-        share = f"{100 * shm.bytes / settings.shm_bytes:.1f}%"
+        share = f"{100 * shm.bytes / settings.shm_bytes:.1f}%" if settings.shm_bytes else "-"
         table.add_row(
-            "shm", str(shm.blocks), human_bytes(shm.bytes), human_bytes(settings.shm_bytes), share
+            "shm",
+            str(shm.blocks),
+            human_bytes(shm.bytes),
+            human_bytes(settings.shm_bytes) if settings.shm_bytes else "not set here",
+            share,
         )
     table.add_row("memory", "-", "-", human_bytes(settings.memory_bytes), "in the server")
     if remote is not None:

@@ -96,16 +96,20 @@ def test_the_shm_budget_is_capped_at_half_of_its_filesystem(tmp_path: Path) -> N
     assert shm_budget(tmp_path, 4 * MiB) == 4 * MiB
 
 
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "left-by-a-server"])
 def test_store_commands_see_and_clear_the_shm_tier(
     tmp_path: Path,
     namespace: Namespace,
     make_blocks: MakeBlocks,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    configured: bool,
 ) -> None:
     settings = settings_for(tmp_path)
     fill(settings, namespace, make_blocks)
-    monkeypatch.setenv("KVFACTORY_SHM_BYTES", "1KiB")  # smaller than what is there: no trim
+    if configured:  # smaller than what is there: looking must not trim
+        monkeypatch.setenv("KVFACTORY_SHM_BYTES", "1KiB")
+    # else `serve --shm-bytes` was on the server's command line only: the folder tells
     monkeypatch.setenv("KVFACTORY_SHM_DIR", str(tmp_path / "shm"))
     store = ["--store-dir", str(tmp_path / "store")]
 

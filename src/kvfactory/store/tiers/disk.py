@@ -40,7 +40,6 @@ from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_evi
 from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
 from kvfactory.store.tiers.block_files import (
     BLOCK_SUFFIX,
-    STALE_TEMP_NS,
     TEMP_SUFFIX,
     FoundBlock,
     inspect_block,
