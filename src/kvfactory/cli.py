@@ -36,7 +36,7 @@ from kvfactory.gateway.factory.commands import register as register_gateway_comm
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
 from kvfactory.planner.commands import register as register_planner_commands
 from kvfactory.sessions.commands import register as register_session_commands
-from kvfactory.store.factory import remote_tiers
+from kvfactory.store.factory import SHM_TIER, remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes")
@@ -553,23 +553,15 @@ def _open_disk_store(settings: Settings) -> Any:
     """The store over the tiers that outlive a server (shm when configured, then disk),
     with budgets that never trim what is there."""
     from kvfactory.store.context_store import ContextStore
+    from kvfactory.store.factory import shm_tier
     from kvfactory.store.tiers.disk import DiskTier
 
     tiers = []
-    if _has_shm(settings):
-        tiers.append(DiskTier(settings.resolved_shm_dir, UNTRIMMED_BYTES, name="shm", fsync=False))
+    # configured here, or left by a server that had one (`serve --shm-bytes` is a flag)
+    if settings.shm_bytes > 0 or settings.resolved_shm_dir.is_dir():
+        tiers.append(shm_tier(settings, UNTRIMMED_BYTES))
     tiers.append(DiskTier(settings.resolved_store_dir, UNTRIMMED_BYTES))
     return ContextStore(tiers, chunk_tokens=settings.chunk_tokens)
-
-
-def _has_shm(settings: Settings) -> bool:
-    """Whether the store has an shm tier: configured here, or left by a server that had one
-    (``serve --shm-bytes`` is often given on the command line only)."""
-    return settings.shm_bytes > 0 or settings.resolved_shm_dir.is_dir()
-
-
-def _tier_stats(store: Any, name: str) -> Any:
-    return next(tier for tier in store.stats().tiers if tier.name == name)
 
 
 def _require_store_dir(settings: Settings) -> Path:
@@ -591,10 +583,10 @@ def store_stats(
     directory = _require_store_dir(settings)
     store = _open_disk_store(settings)
     try:
-        disk = _tier_stats(store, "disk")
-        shm = _tier_stats(store, "shm") if _has_shm(settings) else None
+        by_name = {tier.name: tier for tier in store.stats().tiers}
     finally:
         store.close()
+    disk, shm = by_name["disk"], by_name.get(SHM_TIER)
     remote = _remote_stats(settings)
     report: dict[str, Any] = {
         "store_dir": str(directory),
@@ -684,7 +676,7 @@ def store_clear(
     finally:
         store.close()
     for tier in before:
-        where = directory if tier.name == "disk" else settings.resolved_shm_dir
+        where = tier.extra["directory"]
         typer.echo(f"deleted {tier.blocks} blocks ({human_bytes(tier.bytes)}) from {where}")
 
 

@@ -29,6 +29,7 @@ from kvfactory.telemetry.metrics import StoreMetrics
 SHM_READ_COST = TransferCost(latency_s=2e-5, bytes_per_s=8e9)
 """A mapped tmpfs file: no device, one ``mmap`` and page-table fill per block."""
 SHM_SHARE_OF_TMPFS = 0.5
+SHM_TIER = "shm"
 log = logging.getLogger("kvfactory.store")
 
 
@@ -38,22 +39,25 @@ def build_local_tiers(settings: Settings) -> list[Tier]:
     if settings.memory_bytes > 0:
         tiers.append(MemoryTier(settings.memory_bytes, eviction=settings.eviction))
     if settings.shm_bytes > 0:
-        folder = settings.resolved_shm_dir
-        tiers.append(
-            DiskTier(
-                folder,
-                shm_budget(folder, settings.shm_bytes),
-                eviction=settings.eviction,
-                name="shm",
-                fsync=False,  # RAM: nothing to make durable, a reboot empties it anyway
-                read_cost=SHM_READ_COST,
-            )
-        )
+        budget = shm_budget(settings.resolved_shm_dir, settings.shm_bytes)
+        tiers.append(shm_tier(settings, budget))
     if settings.disk_bytes > 0:
         tiers.append(
             DiskTier(settings.resolved_store_dir, settings.disk_bytes, eviction=settings.eviction)
         )
     return tiers
+
+
+def shm_tier(settings: Settings, capacity_bytes: int) -> DiskTier:
+    """The shm tier at ``settings.resolved_shm_dir`` with ``capacity_bytes``."""
+    return DiskTier(
+        settings.resolved_shm_dir,
+        capacity_bytes,
+        eviction=settings.eviction,
+        name=SHM_TIER,
+        fsync=False,  # RAM: nothing to make durable, a reboot empties it anyway
+        read_cost=SHM_READ_COST,
+    )
 
 
 def shm_budget(folder: Path, wanted: int) -> int:
@@ -122,4 +126,12 @@ def open_store(
     )
 
 
-__all__ = ["SHM_READ_COST", "build_local_tiers", "open_store", "remote_tiers", "shm_budget"]
+__all__ = [
+    "SHM_READ_COST",
+    "SHM_TIER",
+    "build_local_tiers",
+    "open_store",
+    "remote_tiers",
+    "shm_budget",
+    "shm_tier",
+]

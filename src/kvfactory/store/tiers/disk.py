@@ -150,12 +150,10 @@ class DiskTier(Tier):
         """Index a block file another process wrote since this tier opened; its size.
 
         ``None`` when there is no such file (the usual miss: one failed ``stat``)."""
-        digest = key.hex()
-        try:  # the common case, no such file: one failed stat of a str path, ~2 us
-            os.stat(f"{self._root}/{digest[:2]}/{digest}{BLOCK_SUFFIX}")
-        except OSError:
+        file = self._file_of(key)
+        if not os.path.exists(file):  # the common case: one failed stat, ~2 us
             return None
-        path = self.path_of(key)
+        path = Path(file)
         found = inspect_block(key, path)
         if found is None:
             return None  # vanished, or unreadable: a later open deletes an unreadable one
@@ -194,8 +192,12 @@ class DiskTier(Tier):
         return self._read_cost
 
     def path_of(self, key: BlockKey) -> Path:
+        return Path(self._file_of(key))
+
+    def _file_of(self, key: BlockKey) -> str:
+        # a str, not a Path: a miss on the lookup path costs one of these and one stat
         digest = key.hex()
-        return self.directory / digest[:2] / f"{digest}{BLOCK_SUFFIX}"
+        return f"{self._root}/{digest[:2]}/{digest}{BLOCK_SUFFIX}"
 
     def contains(self, key: BlockKey) -> bool:
         return self.contains_many([key])[0]
