@@ -383,22 +383,23 @@ class ContextStore:
             by_tier[tier.name] = by_tier.get(tier.name, 0) + 1
         self._metrics.hits.labels(tier.name).inc()
         self._metrics.bytes_read.labels(tier.name).inc(len(data))
-        if promote == "lasting":
-            lasting = [t for t in self._tiers[:tier_index] if t.outlives_process]
-            if lasting:
-                self._writer.enqueue(WriteJob(key, data, tuple(lasting)))
-        elif promote and tier_index > 0:
-            self._promote(key, data, tier_index)
+        if promote and tier_index > 0:
+            self._promote(key, data, tier_index, lasting_only=promote == "lasting")
         skips = self._tombstones.pending_skips(key)
         if skips:  # a reused block earns another chance at the tiers that skipped it
             self._writer.offer(key, data, skips)
 
-    def _promote(self, key: BlockKey, data: BlockBytes, source: int) -> None:
-        """Copy a block read from a slow tier into every faster one (the first synchronously)."""
-        self._writer.write_now(self._tiers[0], key, data)
-        between = self._tiers[1:source]
-        if between:
-            self._writer.enqueue(WriteJob(key, data, between))
+    def _promote(self, key: BlockKey, data: BlockBytes, source: int, *, lasting_only: bool) -> None:
+        """Copy a block read from a slow tier into the faster ones: every one (the first
+        synchronously), or, ``lasting_only``, those that outlive the process (queued)."""
+        faster = self._tiers[:source]
+        if lasting_only:
+            faster = tuple(tier for tier in faster if tier.outlives_process)
+        else:
+            self._writer.write_now(faster[0], key, data)
+            faster = faster[1:]
+        if faster:
+            self._writer.enqueue(WriteJob(key, data, faster))
 
     # -- put ----------------------------------------------------------------------------
 
