@@ -277,14 +277,11 @@ class SharedWindow:
             return await self._local.admit(now, tokens)
         if reply[0] == 1:
             return Reservation(at=now, tokens=tokens, shared_id=shared_id)
-        limit, allowed, used, wait_ms, never_fits = reply[1:6]
+        limit, *numbers = reply[1:6]
         assert isinstance(limit, bytes)
+        allowed, used, wait_ms, never_fits = (_integer(value) for value in numbers)
         return QuotaVerdict(
-            limit.decode(),
-            int(str(allowed)),
-            int(str(used)),
-            max(0.0, int(str(wait_ms)) / 1000),
-            bool(int(str(never_fits))),
+            limit.decode(), allowed, used, max(0.0, wait_ms / 1000), bool(never_fits)
         )
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
@@ -301,6 +298,12 @@ class SharedWindow:
         if reservation.live:
             reservation.live = False
             self._book.send_refund(self._keys, reservation.shared_id)
+
+
+def _integer(value: object) -> int:
+    """A Lua number as the script's reply carries it (Redis truncates it to an integer)."""
+    assert isinstance(value, int), value
+    return value
 
 
 __all__ = ["DEFAULT_PREFIX", "SharedQuotas", "SharedWindow", "check_quota_url"]
