@@ -309,21 +309,20 @@ def report(
     print(f"{'rate':>6} {'direct p50':>11} {'gateway p50':>12} {'added p50':>10} "
           f"{'direct p99':>11} {'gateway p99':>12} {'added p99':>10} {'p50 ratio':>10}")  # fmt: skip
     verdict = True
+
+    def medians(rate: int, side: str) -> tuple[float, float]:
+        runs = rounds[(rate, side)]
+        return statistics.median(p50 for p50, _ in runs), statistics.median(p99 for _, p99 in runs)
+
     for rate in RATES:
-        direct, through = rounds[(rate, "direct")], rounds[(rate, "gateway")]
-        if (rate, "quota") in rounds:
-            shared = rounds[(rate, "quota")]
-            q50 = statistics.median(p50 for p50, _ in shared)
-            q99 = statistics.median(p99 for _, p99 in shared)
-            t50 = statistics.median(p50 for p50, _ in through)
-            t99 = statistics.median(p99 for _, p99 in through)
-            print(f"{rate:>4}/s shared quota: p50 {q50:.2f} ms ({q50 - t50:+.2f} ms vs the "
-                  f"gateway without quotas), p99 {q99:.2f} ms ({q99 - t99:+.2f} ms), "
-                  f"{errors[(rate, 'quota')]} errors")  # fmt: skip
-        d50, g50 = (statistics.median(p50 for p50, _ in side) for side in (direct, through))
-        d99, g99 = (statistics.median(p99 for _, p99 in side) for side in (direct, through))
+        (d50, d99), (g50, g99) = medians(rate, "direct"), medians(rate, "gateway")
         print(f"{rate:>4}/s {d50:>9.2f}ms {g50:>10.2f}ms {g50 - d50:>8.2f}ms "
               f"{d99:>9.2f}ms {g99:>10.2f}ms {g99 - d99:>8.2f}ms {g50 / d50:>9.2f}x")  # fmt: skip
+        if (rate, "quota") in rounds:
+            q50, q99 = medians(rate, "quota")
+            print(f"{rate:>4}/s shared quota: p50 {q50:.2f} ms ({q50 - g50:+.2f} ms vs the "
+                  f"gateway without quotas), p99 {q99:.2f} ms ({q99 - g99:+.2f} ms), "
+                  f"{errors[(rate, 'quota')]} errors")  # fmt: skip
         if errors[(rate, "direct")] or errors[(rate, "gateway")]:
             print(f"       errors: direct {errors[(rate, 'direct')]}, "
                   f"gateway {errors[(rate, 'gateway')]}")  # fmt: skip
