@@ -8,11 +8,11 @@ injected clock, so nothing sleeps through a minute and nothing asserts wall-cloc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from test_admission import STANDARD, Clock, run
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.admission import Admission, PriorityClass, TenantLimits, Ticket
@@ -24,17 +24,6 @@ from store.redis_fixtures import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.redis
 
-T = TypeVar("T")
-STANDARD = PriorityClass("standard", rank=0, max_queue=64)
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -44,13 +33,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
         yield started
     finally:
         started.stop()
-
-
-def run(scenario: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await scenario()
-
-    return asyncio.run(main())
 
 
 def gateways(
