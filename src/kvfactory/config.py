@@ -103,6 +103,9 @@ class Settings(BaseModel):
     vllm_connector: bool = Field(
         default=True, description="load kvfactory's KV connector into vLLM"
     )
+    vllm_tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM --tensor-parallel-size (CPU: one core group each)"
+    )
     vllm_startup_timeout_s: float = Field(default=600.0, gt=0)
 
     @field_validator("store_dir", "shm_dir", mode="after")

@@ -143,6 +143,26 @@ def test_a_failed_load_makes_its_chunks_savable_again(store: ContextStore, ns: N
     assert [c.chunk_index for c in recomputed.chunks] == [1, 2]  # chunk 0 is still stored
 
 
+def test_a_failed_load_is_saved_again_though_this_store_still_lists_it(
+    store: ContextStore, ns: Namespace
+) -> None:
+    """Under tensor parallelism the worker that found a part corrupt dropped it from its
+    own store, in another process: the scheduler's store still lists the key."""
+    planner = TransferPlanner(store, block_size=BLOCK, shard=1)
+    prompt = list(range(700, 730))
+    put_chunks(store, prompt, ns, 3)
+    assert planner.matched_tokens("r", prompt, ns, 0) == 24
+    planner.allocated("r", 24)
+    blocks = [10, 11, 12, 13, 14, 15, 16, 17]
+    load = planner.take_load("r", blocks)
+    assert load is not None and load.shard == 1
+    assert planner.take_save("r", prompt, 30, len(prompt), blocks) is None  # all stored
+    assert planner.loads_failed({12, 13, 14, 15}) == ["r"]  # chunks 1 and 2 failed
+    again = planner.take_save("r", prompt, 30, len(prompt), blocks)
+    assert again is not None and again.shard == 1
+    assert [c.chunk_index for c in again.chunks] == [1, 2]  # chunk 0 loaded everywhere
+
+
 def test_other_namespaces_do_not_match(store: ContextStore, ns: Namespace) -> None:
     planner = TransferPlanner(store, block_size=BLOCK)
     prompt = list(range(500, 520))

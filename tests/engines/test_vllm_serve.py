@@ -27,7 +27,13 @@ from kvfactory.bench.servers import ServerStartError, free_port, stop, wait_heal
 from kvfactory.config import Settings
 from kvfactory.engines.base import FinishEvent, TokenEvent, Usage
 from kvfactory.engines.vllm_kv.http_engine import CompletionStream, cache_salt
-from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, cpu_list, find_vllm_python, vllm_dtype
+from kvfactory.engines.vllm_kv.launcher import (
+    VLLMLaunch,
+    cpu_binding,
+    cpu_list,
+    find_vllm_python,
+    vllm_dtype,
+)
 from kvfactory.errors import ConfigError, EngineError, InvalidRequestError
 from model_dir import default_model_dir
 
@@ -490,6 +496,28 @@ def test_cpu_list_compacts_ranges() -> None:
     assert cpu_list({0, 1}) == "0-1"
     assert cpu_list({5, 0, 1, 2, 7, 8}) == "0-2,5,7-8"
     assert cpu_list({3}) == "3"
+
+
+def test_cpu_binding_gives_each_tensor_parallel_worker_its_cores() -> None:
+    assert cpu_binding({0, 1}, 1) == "0-1"
+    assert cpu_binding({0, 1, 2, 3}, 2) == "0-1|2-3"
+    assert cpu_binding({0, 1, 2, 5, 6}, 2) == "0-2|5-6"
+    with pytest.raises(ConfigError, match="tensor parallel size 3 needs at least that many"):
+        cpu_binding({0, 1}, 3)
+
+
+def test_launch_with_tensor_parallel_workers(tmp_path: Path) -> None:
+    single = VLLMLaunch.from_settings(_settings(tmp_path), tmp_path / "m")
+    assert "--tensor-parallel-size" not in single.argv(1)
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    launch = VLLMLaunch.from_settings(
+        _settings(tmp_path, vllm_tensor_parallel_size=2), tmp_path / "m"
+    )
+    argv = launch.argv(1)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == cpu_binding(cores, 2)
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:

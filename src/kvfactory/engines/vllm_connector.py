@@ -34,6 +34,17 @@ recomputed chunks are then saved again — never wrong output, never a wrong sto
 tensors into the store right after the forward; the store writes them through to disk and
 remote tiers on its own bounded background queue, so no vLLM block is held after the step
 and ``get_finished`` never has requests to report.
+
+Tensor parallelism: each worker holds only its KV heads, so each rank saves and loads its
+own part of every chunk, under its own namespace (``identity``); the scheduler keeps one
+planner per rank and offers a chunk only when every rank's part is stored. The workers
+are separate processes then, each with its own store on the same directories and a
+``1/tp`` share of each budget; the scheduler sees their blocks through the disk (and shm)
+tier, which processes share. A rank whose load failed computed the step over wrong KV for
+its heads, and the all-reduce after attention carried that into every rank's activations,
+so the workers agree (one all-reduce over the TP group, in steps that load) that no rank
+saves what that step computed for the request. Pipeline and context parallelism are
+refused.
 """
 
 from __future__ import annotations
@@ -56,9 +67,10 @@ from kvfactory.engines.vllm_kv import shared_store
 from kvfactory.engines.vllm_kv.identity import (
     SaltNamespaces,
     VLLMModelIdentity,
-    model_fingerprint,
+    shard_fingerprints,
 )
 from kvfactory.engines.vllm_kv.paged import PagedKV, dtype_name
+from kvfactory.engines.vllm_kv.parallel import tensor_parallel_size, worker_share
 from kvfactory.engines.vllm_kv.plan import LoadSpec, SaveSpec, TransferPlanner
 from kvfactory.errors import ConfigError
 from kvfactory.store.codec import BlockHeader, KVBlock
@@ -128,14 +140,15 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        parallel = vllm_config.parallel_config
-        if parallel.world_size > 1:
-            raise ConfigError(
-                "KVFactoryConnector runs with one worker per engine (tensor/pipeline "
-                f"parallel size 1); this engine has world_size={parallel.world_size}"
-            )
+        self._tp_size = tensor_parallel_size(vllm_config.parallel_config)
+        worker = role == KVConnectorRole.WORKER
+        self._shard = _tensor_parallel_rank() if worker and self._tp_size > 1 else 0
+        """This worker's rank: the part of each block it saves and loads."""
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self._settings = connector_settings(extra)
+        # with TP the workers are processes of their own, each with a store; with one
+        # worker it shares the scheduler's process and store
+        settings = connector_settings(extra)
+        self._settings = worker_share(settings, self._tp_size) if worker else settings
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") != "recompute":
             log.warning(
                 "kv_load_failure_policy is not 'recompute': a corrupt stored block will "
@@ -145,16 +158,28 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._block_size = self._identity.block_size
         self._store, self._incidents = shared_store.acquire(self._settings)
         self._released = False
-        fingerprint = model_fingerprint(
-            self._identity, chunk_tokens=self._store.chunk_tokens, home=self._settings.home
+        if self._tp_size > 1 and not any(t.outlives_process for t in self._store.tiers):
+            log.warning(
+                "tensor parallel workers save into their own processes' memory tiers, which "
+                "the scheduler cannot see: give the store a disk, shm or remote tier"
+            )
+        fingerprints = shard_fingerprints(
+            self._identity,
+            chunk_tokens=self._store.chunk_tokens,
+            home=self._settings.home,
+            shards=self._tp_size,
         )
-        self._namespaces = SaltNamespaces(fingerprint)
         self._blocks_per_chunk = self._store.chunk_tokens // self._block_size
-        # scheduler side
-        self._planner = TransferPlanner(
-            self._store,
-            block_size=self._block_size,
-            save_generated=bool(extra.get("save_generated", True)),
+        # scheduler side: per rank, the namespaces of its parts and their planner
+        self._namespaces = tuple(SaltNamespaces(f) for f in fingerprints)
+        self._planners = tuple(
+            TransferPlanner(
+                self._store,
+                block_size=self._block_size,
+                save_generated=bool(extra.get("save_generated", True)),
+                shard=rank,
+            )
+            for rank in range(self._tp_size)
         )
         self._requests: dict[str, Request] = {}
         self._pending_loads: list[LoadSpec] = []
@@ -171,7 +196,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             role.name.lower(),
             self._settings.resolved_store_dir,
             self._store.chunk_tokens,
-            fingerprint.kv_layout,
+            fingerprints[self._shard].kv_layout,
         )
 
     # -- scheduler side -------------------------------------------------------------------
@@ -180,10 +205,13 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         prompt = list(request.prompt_token_ids or [])
-        namespace = self._namespaces.for_salt(request.cache_salt)
         self._requests[request.request_id] = request
-        matched = self._planner.matched_tokens(
-            request.request_id, prompt, namespace, num_computed_tokens
+        # every rank's part must be stored for a chunk to be offered
+        matched = min(
+            planner.matched_tokens(
+                request.request_id, prompt, names.for_salt(request.cache_salt), num_computed_tokens
+            )
+            for planner, names in zip(self._planners, self._namespaces, strict=True)
         )
         if matched:
             log.debug("request %s: %d tokens from the store", request.request_id, matched)
@@ -194,11 +222,16 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> None:
         if num_external_tokens <= 0:
             return
-        self._planner.allocated(request.request_id, num_external_tokens)
-        spec = self._planner.take_load(request.request_id, blocks.get_block_ids()[0])
-        if spec is not None:
+        block_ids = blocks.get_block_ids()[0]
+        loads = []
+        for planner in self._planners:
+            planner.allocated(request.request_id, num_external_tokens)
+            spec = planner.take_load(request.request_id, block_ids)
+            if spec is not None:
+                loads.append(spec)
+        if loads:
             self.counters["hit_tokens"] += num_external_tokens
-            self._pending_loads.append(spec)
+            self._pending_loads += loads
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         saves: list[SaveSpec] = []
@@ -213,15 +246,16 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if request is None or self._kv_cache_manager is None:
                 continue
             block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-            spec = self._planner.take_save(
-                req_id,
-                request.all_token_ids,
-                computed + scheduled.get(req_id, 0),
-                request.num_prompt_tokens,
-                block_ids,
-            )
-            if spec is not None:
-                saves.append(spec)
+            for planner in self._planners:
+                spec = planner.take_save(
+                    req_id,
+                    request.all_token_ids,
+                    computed + scheduled.get(req_id, 0),
+                    request.num_prompt_tokens,
+                    block_ids,
+                )
+                if spec is not None:
+                    saves.append(spec)
         loads, self._pending_loads = self._pending_loads, []
         recovered, self._recovered = self._recovered, []
         return KVFactoryConnectorMetadata(loads, saves, recovered)
@@ -229,12 +263,14 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         invalid = connector_output.invalid_block_ids
         if invalid:
-            self._recovered += self._planner.loads_failed(set(invalid))
+            failed = [r for planner in self._planners for r in planner.loads_failed(set(invalid))]
+            self._recovered += dict.fromkeys(failed)  # each request once, in order
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._planner.finished(request.request_id)
+        for planner in self._planners:
+            planner.finished(request.request_id)
         self._requests.pop(request.request_id, None)
         return False, None
 
@@ -256,7 +292,8 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         assert isinstance(metadata, KVFactoryConnectorMetadata)
         self._tainted.difference_update(metadata.recovered)
         for spec in metadata.loads:
-            self._load(spec)
+            if spec.shard == self._shard:
+                self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
         paged = self._require_paged()
@@ -310,11 +347,28 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVFactoryConnectorMetadata)
+        if self._tp_size > 1 and metadata.loads:
+            self._agree_on_failed_loads(metadata.loads)
         for spec in metadata.saves:
+            if spec.shard != self._shard:
+                continue
             if spec.request_id in self._tainted:
                 log.info("request %s: not saving KV computed over a failed load", spec.request_id)
                 continue
             self._save(spec)
+
+    def _agree_on_failed_loads(self, loads: list[LoadSpec]) -> None:
+        """Taint, on every rank, the requests whose load failed on any rank this step.
+
+        Every rank gets the same metadata, so all of them reach this collective together."""
+        from vllm.distributed.parallel_state import get_tp_group
+
+        requests = sorted({spec.request_id for spec in loads})
+        failed = torch.tensor([r in self._tainted for r in requests], dtype=torch.int32)
+        torch.distributed.all_reduce(
+            failed, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().cpu_group
+        )
+        self._tainted.update(r for r, flag in zip(requests, failed.tolist(), strict=True) if flag)
 
     def _save(self, spec: SaveSpec) -> None:
         paged = self._require_paged()
@@ -355,6 +409,12 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._paged is None:
             raise RuntimeError("register_kv_caches was not called before a transfer")
         return self._paged
+
+
+def _tensor_parallel_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
 
 
 __all__ = ["KVFactoryConnector", "KVFactoryConnectorMetadata", "connector_settings"]

@@ -40,6 +40,9 @@ def build_llm(options: dict[str, Any]) -> Any:
         "seed": 0,
         "disable_log_stats": False,
     }
+    if options.get("tensor_parallel_size", 1) > 1:
+        kwargs["tensor_parallel_size"] = options["tensor_parallel_size"]
+        kwargs["distributed_executor_backend"] = "mp"
     if options.get("num_gpu_blocks"):
         kwargs["num_gpu_blocks_override"] = options["num_gpu_blocks"]
     connector = options.get("connector")

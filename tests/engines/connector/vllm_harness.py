@@ -25,12 +25,13 @@ def vllm_available() -> bool:
     return VLLM_PYTHON.is_file()
 
 
-def vllm_env() -> dict[str, str]:
-    cpus = sorted(os.sched_getaffinity(0))
+def vllm_env(tensor_parallel_size: int = 1) -> dict[str, str]:
+    from kvfactory.engines.vllm_kv.launcher import cpu_binding
+
     return dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        VLLM_CPU_OMP_THREADS_BIND=f"{cpus[0]}-{cpus[-1]}",
+        VLLM_CPU_OMP_THREADS_BIND=cpu_binding(set(os.sched_getaffinity(0)), tensor_parallel_size),
         VLLM_CPU_NUM_OF_RESERVED_CPU="0",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
@@ -50,7 +51,7 @@ class VLLMDriver:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=vllm_env(),
+            env=vllm_env(int(options.get("tensor_parallel_size", 1))),
             cwd=REPO,
         )
         self._replies: deque[str] = deque()

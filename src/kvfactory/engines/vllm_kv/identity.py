@@ -5,7 +5,10 @@ tensors, and equal on the worker side: it is built from the model's files (weigh
 tokenizer digests, shared with the embedded engine's ``file_digests``; a model named by
 hub id is identified by its name and revision), the KV cache spec vLLM chose (block size,
 KV heads, head size, dtype, layer count), the platform (CPU and CUDA lay blocks out
-differently) and vLLM's version. A request's ``cache_salt`` — set by the kvfactory
+differently) and vLLM's version. Under tensor parallelism each worker holds only its KV
+heads of every block, so each rank's part is a block of its own, in a namespace of its
+own: the layout names the rank (``/tp1of2``); one worker keeps the unsharded layout, so
+its stores stay valid. A request's ``cache_salt`` — set by the kvfactory
 gateway per tenant, never by a client — is the tenant salt of its namespace, so
 different salts never share a block. This module knows vLLM's config only as plain
 values passed in.
@@ -69,16 +72,24 @@ def _digests(
     return weights, tokens
 
 
-def model_fingerprint(
-    identity: VLLMModelIdentity, *, chunk_tokens: int, home: Path
-) -> ModelFingerprint:
+def shard_fingerprints(
+    identity: VLLMModelIdentity, *, chunk_tokens: int, home: Path, shards: int
+) -> tuple[ModelFingerprint, ...]:
+    """One fingerprint per tensor-parallel rank, in rank order (the model's files are
+    digested once)."""
+    if shards < 1:
+        raise ValueError(f"shards must be positive, got {shards}")
     weights, tokens = _digests(identity.model, identity.revision, identity.tokenizer, home)
-    return ModelFingerprint(
-        weights_digest=weights,
-        tokenizer_digest=tokens,
-        kv_layout=identity.layout(),
-        dtype=identity.kv_dtype,
-        chunk_tokens=chunk_tokens,
+    layout = identity.layout()
+    return tuple(
+        ModelFingerprint(
+            weights_digest=weights,
+            tokenizer_digest=tokens,
+            kv_layout=layout if shards == 1 else f"{layout}/tp{rank}of{shards}",
+            dtype=identity.kv_dtype,
+            chunk_tokens=chunk_tokens,
+        )
+        for rank in range(shards)
     )
 
 
@@ -112,4 +123,4 @@ class SaltNamespaces:
         return found
 
 
-__all__ = ["SaltNamespaces", "VLLMModelIdentity", "model_fingerprint"]
+__all__ = ["SaltNamespaces", "VLLMModelIdentity", "shard_fingerprints"]

@@ -102,6 +102,24 @@ def cpu_list(cpus: set[int]) -> str:
     return ",".join(ranges)
 
 
+def cpu_binding(cpus: set[int], ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` workers: the cores split into that many
+    contiguous groups, ``|`` between them (``{0, 1, 2, 3}``, 2 -> ``"0-1|2-3"``)."""
+    ordered = sorted(cpus)
+    if ranks < 1 or len(ordered) < ranks:
+        raise ConfigError(
+            f"tensor parallel size {ranks} needs at least that many cores; "
+            f"this process may use {len(ordered)}"
+        )
+    per, extra = divmod(len(ordered), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + per + (1 if rank < extra else 0)
+        groups.append(cpu_list(set(ordered[start:end])))
+        start = end
+    return "|".join(groups)
+
+
 def connector_extra_config(settings: Settings) -> dict[str, Any]:
     """What the connector inside vLLM needs to open the same store as the settings."""
     extra: dict[str, Any] = {
@@ -132,6 +150,7 @@ class VLLMLaunch:
     max_model_len: int | None
     kv_transfer_config: dict[str, Any] | None
     """``None`` runs vLLM without the connector (its own prefix cache only)."""
+    tensor_parallel_size: int = 1
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     """Where ``vllm-<port>.log`` goes (``None``: discard vLLM's output)."""
@@ -161,9 +180,12 @@ class VLLMLaunch:
             dtype=vllm_dtype(settings.dtype),
             max_model_len=settings.vllm_max_model_len,
             kv_transfer_config=transfer,
+            tensor_parallel_size=settings.vllm_tensor_parallel_size,
             env={
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gib),
-                "VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads),
+                "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(
+                    threads, settings.vllm_tensor_parallel_size
+                ),
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             },
             log_dir=settings.home / "logs",
@@ -192,6 +214,8 @@ class VLLMLaunch:
         ]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
+        if self.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.kv_transfer_config is not None:
             args += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
         return args
@@ -338,6 +362,7 @@ __all__ = [
     "VLLMLaunch",
     "VLLMServer",
     "connector_extra_config",
+    "cpu_binding",
     "cpu_list",
     "find_vllm_python",
     "free_port",

@@ -10,7 +10,9 @@ Loads cover whole store chunks but only write vLLM blocks the local prefix cache
 already supply, because those blocks may be shared with other running requests. Saves
 are emitted the step a chunk becomes fully computed (prompt and, by default, generated
 tokens, as vLLM's own prefix cache does), never for chunks the store already holds.
-This module knows neither torch nor vLLM's classes: callers pass token lists, block ids
+Under tensor parallelism the connector keeps one planner per rank (each rank's part of a
+block has keys of its own) and offers the fewest chunks any rank's part covers; specs
+name their ``shard`` so each worker takes its own. This module knows neither torch nor vLLM's classes: callers pass token lists, block ids
 and counts.
 """
 
@@ -43,6 +45,8 @@ class LoadSpec:
     namespace: bytes
     chunks: tuple[ChunkRef, ...]
     skip_blocks: int = 0
+    shard: int = 0
+    """The tensor-parallel rank whose part of the blocks this is."""
 
     @property
     def target_block_ids(self) -> list[int]:
@@ -58,6 +62,7 @@ class SaveSpec:
     request_id: str
     namespace: bytes
     chunks: tuple[ChunkRef, ...]
+    shard: int = 0
 
 
 @dataclass(slots=True)
@@ -72,10 +77,12 @@ class _Tracked:
     pending_load: tuple[int, int] | None = None
     """(first token, end token) of a load granted but not yet sent to workers."""
     saves_emitted: int = 0
-    loaded_from_chunk: int = 0
-    """First chunk of the last load sent to workers."""
-    loaded_blocks: frozenset[int] = frozenset()
-    """vLLM blocks that load wrote."""
+    loaded_chunks: dict[int, frozenset[int]] = field(default_factory=dict)
+    """Chunk index -> the vLLM blocks the last load sent to workers wrote of it."""
+    resave_below: int = 0
+    """Chunks below this one, from a failed load, are saved without asking the store
+    first: the worker that found a part corrupt dropped it from its own store, possibly in
+    another process, whose deletion this process's disk index has not seen."""
 
 
 class TransferPlanner:
@@ -88,6 +95,7 @@ class TransferPlanner:
         *,
         block_size: int,
         save_generated: bool = True,
+        shard: int = 0,
     ) -> None:
         chunk = store.chunk_tokens
         if chunk % block_size:
@@ -100,6 +108,7 @@ class TransferPlanner:
         self._chunk = chunk
         self._blocks_per_chunk = chunk // block_size
         self._save_generated = save_generated
+        self._shard = shard
         self._tracked: dict[str, _Tracked] = {}
 
     @property
@@ -154,22 +163,32 @@ class TransferPlanner:
             self._chunk_ref(tracked, index, block_ids) for index in range(first_chunk, last_chunk)
         )
         skip = (start - first_chunk * self._chunk) // self._block_size
-        spec = LoadSpec(request_id, bytes(tracked.namespace.id), chunks, skip_blocks=skip)
-        tracked.loaded_from_chunk = first_chunk
-        tracked.loaded_blocks = frozenset(spec.target_block_ids)
+        spec = LoadSpec(
+            request_id, bytes(tracked.namespace.id), chunks, skip_blocks=skip, shard=self._shard
+        )
+        skipped = set(block_ids[: start // self._block_size])
+        tracked.loaded_chunks = {
+            chunk.chunk_index: frozenset(chunk.block_ids) - skipped for chunk in chunks
+        }
         return spec
 
     def loads_failed(self, invalid_block_ids: set[int]) -> list[str]:
         """Requests whose last load wrote one of ``invalid_block_ids`` (workers found them
-        corrupt or gone; vLLM recomputes them). Their chunks from the load's first one on
+        corrupt or gone; vLLM recomputes them). Their chunks from the first failed one on
         become candidates for saving again: the step that found the failure saved nothing
         for them, and the recomputed chunks replace what was lost."""
         failed: list[str] = []
         for request_id, tracked in self._tracked.items():
-            if tracked.loaded_blocks.isdisjoint(invalid_block_ids):
+            broken = [
+                index
+                for index, written in tracked.loaded_chunks.items()
+                if not written.isdisjoint(invalid_block_ids)
+            ]
+            if not broken:
                 continue
-            tracked.checked_chunks = min(tracked.checked_chunks, tracked.loaded_from_chunk)
-            tracked.loaded_blocks = frozenset()
+            tracked.checked_chunks = min(tracked.checked_chunks, min(broken))
+            tracked.resave_below = max(tracked.resave_below, max(tracked.loaded_chunks) + 1)
+            tracked.loaded_chunks = {}
             failed.append(request_id)
         return failed
 
@@ -195,13 +214,13 @@ class TransferPlanner:
         self._extend_keys(tracked, tokens, complete)
         new: list[ChunkRef] = []
         for index in range(tracked.checked_chunks, complete):
-            if not self._store.contains(tracked.keys[index]):
+            if index < tracked.resave_below or not self._store.contains(tracked.keys[index]):
                 new.append(self._chunk_ref(tracked, index, block_ids))
         tracked.checked_chunks = max(tracked.checked_chunks, complete)
         if not new:
             return None
         tracked.saves_emitted += 1
-        return SaveSpec(request_id, bytes(tracked.namespace.id), tuple(new))
+        return SaveSpec(request_id, bytes(tracked.namespace.id), tuple(new), shard=self._shard)
 
     def finished(self, request_id: str) -> bool:
         """Forget ``request_id``; True when saves were emitted for it (workers then hold
