@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,10 @@ class Stage:
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def holds_files(stage: Stage, count: int) -> bool:
+    return len(stage.block_files()) == count
+
+
 def by_chunk(files: set[Path]) -> dict[int, list[Path]]:
     chunks: dict[int, list[Path]] = {}
     for path in sorted(files):
@@ -113,7 +118,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Stage:
             assert tokens(reply) == stage.reference[index]
             total = len(before) + RANKS * (store_hit(prompt) // CHUNK)
             # the workers write their parts behind, from their own processes
-            assert eventually(lambda total=total: len(stage.block_files()) == total)
+            assert eventually(partial(holds_files, stage, total))
             stage.parts[index] = by_chunk(stage.block_files() - before)
     return stage
 
