@@ -299,6 +299,30 @@ def test_repeated_long_prompt_reports_cached_tokens(gateway: Gateway) -> None:
 
 
 @needs_vllm
+def test_the_gateway_exports_the_store_inside_vllm(gateway: Gateway) -> None:
+    """The connector's store lives in vLLM's processes; the gateway's /metrics shows its
+    series under the embedded engine's names (with vLLM's engine labels)."""
+    _ask(gateway, _long_messages("quartz"))
+
+    def written() -> float:
+        _ask(gateway, [{"role": "user", "content": "Hi"}])  # a step carries the report
+        text = httpx.get(gateway.base_url + "/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("kvfactory_store_written_bytes_total{") and 'tier="memory"' in line
+        )
+
+    deadline = time.monotonic() + 30
+    while written() <= 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert written() > 0
+    text = httpx.get(gateway.base_url + "/metrics", timeout=10).text
+    assert text.count("# TYPE kvfactory_store_written_bytes_total counter") == 1
+    assert "vllm:" not in text
+
+
+@needs_vllm
 def test_tenants_do_not_share_cached_tokens(gateway: Gateway) -> None:
     messages = _long_messages("acorn")
     answer_a, prompt_tokens, _ = _ask(gateway, messages, tenant="a")

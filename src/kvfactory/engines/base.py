@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from prometheus_client.metrics_core import Metric
+
 from kvfactory.errors import ContextLengthExceededError, InvalidRequestError
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -126,6 +128,12 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
     def health(self) -> dict[str, object]: ...
+
+    async def exported_metrics(self) -> list[Metric]:
+        """Metric families kept by the engine's own processes (vLLM's connector store),
+        for the gateway's ``/metrics``; an in-process engine reports into the gateway's
+        registry directly and has none."""
+        ...
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context_window: int) -> None:

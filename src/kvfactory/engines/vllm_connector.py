@@ -72,11 +72,13 @@ from kvfactory.engines.vllm_kv.identity import (
 from kvfactory.engines.vllm_kv.paged import PagedKV, dtype_name
 from kvfactory.engines.vllm_kv.parallel import tensor_parallel_size, worker_share
 from kvfactory.engines.vllm_kv.plan import LoadSpec, SaveSpec, TransferPlanner
+from kvfactory.engines.vllm_kv.prom_stats import KVFactoryConnectorStats, KVFactoryPromMetrics
 from kvfactory.errors import ConfigError
 from kvfactory.store.codec import BlockHeader, KVBlock
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -398,6 +400,28 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None  # saves copy out within the step; see the module docstring
+
+    # -- metrics (both sides) ------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The store's metrics since the last report; vLLM's API server records them
+        (``build_prom_metrics``), so its ``/metrics`` shows this process's store."""
+        data = shared_store.report(self._store)
+        return None if data is None else KVFactoryConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return KVFactoryConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[Any], type[Any]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVFactoryPromMetrics:
+        return KVFactoryPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         log.info("kvfactory connector (%s) stats: %s", self.role.name.lower(), self.counters)

@@ -352,7 +352,8 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        exported = [f for e in gateway.engines.values() for f in await e.exported_metrics()]
+        return Response(gateway.metrics.render(exported), media_type=CONTENT_TYPE_LATEST)
 
 
 def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:

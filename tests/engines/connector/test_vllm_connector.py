@@ -193,6 +193,20 @@ def test_a_fresh_process_gets_prefix_hits_from_disk(stage: Stage, second: VLLMDr
     )
 
 
+def test_the_store_reports_into_vllms_metrics(second: VLLMDriver) -> None:
+    """vLLM's API server (here its in-process stat logger) records the connector's store
+    series: the disk hits of the test above, under the store's own names."""
+
+    def disk_hits() -> float:
+        second.generate([PROMPTS["short"]], 1)  # a step, which carries the store's report
+        return second.metrics().get("vllm:kvfactory_store_hits", 0.0)
+
+    assert eventually(lambda: disk_hits() >= store_hit(PROMPTS["four_chunks"]) // CHUNK, 20)
+    metrics = second.metrics()
+    assert metrics["vllm:kvfactory_store_read_bytes"] > 0
+    assert metrics["vllm:kvfactory_store_tier_blocks"] > 0
+
+
 def test_a_prompt_shorter_than_a_chunk_is_computed(stage: Stage, second: VLLMDriver) -> None:
     reply = second.generate([PROMPTS["short"]], MAX_TOKENS)
     assert cached(reply) == 0

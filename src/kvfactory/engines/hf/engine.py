@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client.metrics_core import Metric
 from rich.console import Console
 
 from kvfactory._types import ModelFingerprint
@@ -221,6 +222,9 @@ class HFEngine:
             flushed = await asyncio.to_thread(self.reuse.close, SHUTDOWN_FLUSH_TIMEOUT_S)
             if not flushed:
                 log.warning("some KV writes were still pending at shutdown")
+
+    async def exported_metrics(self) -> list[Metric]:
+        return []  # the store reports into the gateway's registry itself
 
     def health(self) -> dict[str, object]:
         alive = self.scheduler.alive

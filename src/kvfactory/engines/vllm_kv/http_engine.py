@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.metrics_core import Metric
 
 from kvfactory.config import Settings
 from kvfactory.engines.base import (
@@ -38,11 +39,14 @@ from kvfactory.engines.base import (
 from kvfactory.engines.hf.chat_tokenizer import ChatTokenizer
 from kvfactory.engines.hf.runner import load_tokenizer_from
 from kvfactory.engines.vllm_kv.launcher import VLLMLaunch, VLLMServer
+from kvfactory.engines.vllm_kv.store_report import VLLM_PREFIX
 from kvfactory.errors import EngineError, InvalidRequestError
-from kvfactory.telemetry.metrics import Metrics
+from kvfactory.telemetry.metrics import STORE_SERIES, Metrics, families_with_prefix
 
 MAX_CACHE_SALT_CHARS = 128
 """vLLM rejects longer ``cache_salt`` values."""
+METRICS_TIMEOUT_S = 5.0
+"""A scrape of the gateway waits this long for vLLM's own metrics."""
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _DATA = "data: "
 
@@ -270,6 +274,20 @@ class VLLMEngine:
             await self._client.aclose()
             self._client = None
         await asyncio.to_thread(self.server.stop)
+
+    async def exported_metrics(self) -> list[Metric]:
+        """The connector's store series from vLLM's ``/metrics``, under the names the
+        embedded engine's store exports (plus vLLM's ``model_name`` and ``engine`` labels)."""
+        if self._client is None or self.server.launch.kv_transfer_config is None:
+            return []
+        try:
+            reply = await self._client.get("/metrics", timeout=METRICS_TIMEOUT_S)
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            return []  # vLLM is down or restarting: /healthz says so
+        store = {spec.name for spec in STORE_SERIES}
+        families = families_with_prefix(reply.text, VLLM_PREFIX)
+        return [f for f in families if f.name.removesuffix("_total") in store]
 
     def health(self) -> dict[str, object]:
         state = self.server.state()

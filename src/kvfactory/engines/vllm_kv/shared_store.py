@@ -6,7 +6,9 @@ the same store: the scheduler's lookups must see the blocks the worker saved a s
 most of them still in the memory tier, and two stores would keep two memory tiers of the
 same blocks. vLLM offers no way to hand an object from one to the other, so this module
 keeps a small reference-counted table keyed by the store directory; that table is the only
-process-wide state in kvfactory, and closing the last handle closes the store. Workers in
+process-wide state in kvfactory, and closing the last handle closes the store. It also
+keeps each store's ``StoreReporter``, so a process reports its store's metrics once
+whichever of its connectors asks. Workers in
 other processes (tensor or pipeline parallel) would each hold a shard of every block and
 need a per-rank layout; the connector refuses them at start.
 """
@@ -14,6 +16,7 @@ need a per-rank layout; the connector refuses them at start.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from kvfactory.config import Settings
+from kvfactory.engines.vllm_kv.store_report import Report, StoreReporter
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.factory import open_store, remote_tiers
 from kvfactory.telemetry.incidents import IncidentLog
@@ -31,6 +35,7 @@ from kvfactory.telemetry.metrics import StoreMetrics
 class _Entry:
     store: ContextStore
     incidents: IncidentLog
+    reporter: StoreReporter
     users: int
 
 
@@ -45,15 +50,26 @@ def acquire(settings: Settings) -> tuple[ContextStore, IncidentLog]:
         entry = _open.get(where)
         if entry is None:
             incidents = IncidentLog(settings.home / "incidents.jsonl")
+            registry = CollectorRegistry()
             store = open_store(
                 settings,
-                metrics=StoreMetrics(CollectorRegistry()),
+                metrics=StoreMetrics(registry),
                 incidents=incidents,
                 extra_tiers=remote_tiers(settings, incidents),
             )
-            entry = _open[where] = _Entry(store, incidents, 0)
+            reporter = StoreReporter(registry, store.stats, process=str(os.getpid()))
+            entry = _open[where] = _Entry(store, incidents, reporter, 0)
         entry.users += 1
         return entry.store, entry.incidents
+
+
+def report(store: ContextStore) -> Report | None:
+    """What changed in ``store``'s metrics since this process last reported them."""
+    with _lock:
+        entry = next((e for e in _open.values() if e.store is store), None)
+        if entry is None:
+            return None
+        return entry.reporter.take()
 
 
 def release(store: ContextStore) -> None:
@@ -79,4 +95,4 @@ def _close_all() -> None:
         entry.store.close()
 
 
-__all__ = ["acquire", "release"]
+__all__ = ["acquire", "release", "report"]
