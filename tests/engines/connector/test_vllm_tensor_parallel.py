@@ -146,6 +146,14 @@ def test_a_restarted_engine_loads_every_ranks_part(stage: Stage) -> None:
         assert tokens(reply) == stage.reference[1]
         assert eventually(missing.exists)  # the recomputed part is stored again
 
+        # both workers' stores report through vLLM's connector stats, summed: 2 + 1 chunks
+        # loaded, each from two ranks' parts
+        def disk_hits() -> float:
+            engine.generate([synthetic_prompt(20, seed=35)], 1)  # a step carries reports
+            return engine.metrics().get("vllm:kvfactory_store_hits", 0.0)
+
+        assert eventually(lambda: disk_hits() >= RANKS * 3, 20)
+
 
 def test_a_load_failing_on_one_rank_stores_nothing_computed_over_it(stage: Stage) -> None:
     corrupt = stage.parts[2][1][0]  # one rank's part of CORRUPT_BASE's second chunk
