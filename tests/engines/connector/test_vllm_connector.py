@@ -90,6 +90,21 @@ def store_hit(tokens: list[int]) -> int:
     return (len(tokens) - 1) // CHUNK * CHUNK
 
 
+def incidents_in(home: Path) -> list[dict[str, Any]]:
+    path = home / "incidents.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def corrupt(path: Path) -> None:
+    """Flip every bit of the middle third of a block file (its KV, not its header)."""
+    raw = bytearray(path.read_bytes())
+    third = len(raw) // 3
+    raw[third : 2 * third] = bytes(b ^ 0xFF for b in raw[third : 2 * third])
+    path.write_bytes(bytes(raw))
+
+
 @dataclass
 class Stage:
     home: Path
@@ -116,10 +131,7 @@ class Stage:
         return set(self.store_dir.rglob("*.kvb"))
 
     def incidents(self) -> list[dict[str, Any]]:
-        path = self.home / "incidents.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return incidents_in(self.home)
 
 
 def tokens(reply: dict[str, Any], index: int = 0) -> list[int]:
@@ -163,10 +175,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Stage:
         assert first.counters()["saved_chunks"] > 0
     assert stage.corrupted.keys() == {"to_corrupt", "corrupt_base"}
     for path in stage.corrupted.values():
-        raw = bytearray(path.read_bytes())
-        third = len(raw) // 3  # every bit of the middle third of the KV flipped
-        raw[third : 2 * third] = bytes(b ^ 0xFF for b in raw[third : 2 * third])
-        path.write_bytes(bytes(raw))
+        corrupt(path)
     return stage
 
 

@@ -9,14 +9,13 @@ split over two workers (``tiny_model``), since SmolLM2's 9 heads do not.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_vllm_connector import cached, eventually, store_hit, tokens
+from test_vllm_connector import cached, corrupt, eventually, incidents_in, store_hit, tokens
 from tiny_model import write_tiny_llama
 from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
 
@@ -82,12 +81,6 @@ class Stage:
 
     def block_files(self) -> set[Path]:
         return set(self.store_dir.rglob("*.kvb"))
-
-    def incidents(self) -> list[dict[str, Any]]:
-        path = self.home / "incidents.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def holds_files(stage: Stage, count: int) -> bool:
@@ -156,18 +149,16 @@ def test_a_restarted_engine_loads_every_ranks_part(stage: Stage) -> None:
 
 
 def test_a_load_failing_on_one_rank_stores_nothing_computed_over_it(stage: Stage) -> None:
-    corrupt = stage.parts[2][1][0]  # one rank's part of CORRUPT_BASE's second chunk
-    raw = bytearray(corrupt.read_bytes())
-    third = len(raw) // 3
-    raw[third : 2 * third] = bytes(b ^ 0xFF for b in raw[third : 2 * third])
-    corrupt.write_bytes(bytes(raw))
+    broken = stage.parts[2][1][0]  # one rank's part of CORRUPT_BASE's second chunk
+    corrupt(broken)
     before = stage.block_files()
     with stage.engine("failing") as engine:
         reply = engine.generate([CORRUPT_EXTENDED], MAX_TOKENS)
         assert tokens(reply) == stage.reference[3]
-        assert "checksum_failure" in [incident["kind"] for incident in stage.incidents()]
+        kinds = [incident["kind"] for incident in incidents_in(stage.home)]
+        assert "checksum_failure" in kinds
         # the recomputed part, and both parts of the fourth chunk, once recomputed
-        assert eventually(lambda: corrupt.exists() and len(stage.block_files() - before) >= 2)
+        assert eventually(lambda: broken.exists() and len(stage.block_files() - before) >= 2)
     # the other rank computed the fourth chunk over the failed part's heads too (the
     # all-reduce after attention mixes every rank's heads): had it stored that, this
     # fresh engine would load it and answer differently
