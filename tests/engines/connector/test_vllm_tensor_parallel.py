@@ -4,21 +4,29 @@ loading its own KV heads of every chunk.
 A plain two-worker engine (vLLM's prefix cache, no connector) gives the reference
 outputs. A first connector engine fills the store and exits; then each test starts fresh
 engines on that store. The model is a random-weight Llama whose 4 heads and 2 KV heads
-split over two workers (``tiny_model``), since SmolLM2's 9 heads do not.
+split over two workers (``tiny_model``), since SmolLM2's 9 heads do not. The last test
+runs ``kvfactory serve --engine vllm`` with two workers, across a restart.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from test_vllm_connector import cached, corrupt, eventually, incidents_in, store_hit, tokens
 from tiny_model import write_tiny_llama
 from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
 
+from kvfactory.bench.servers import free_port, stop, wait_healthy
 from kvfactory.store.codec import peek_header
 from model_dir import default_model_dir
 
@@ -166,3 +174,54 @@ def test_a_load_failing_on_one_rank_stores_nothing_computed_over_it(stage: Stage
         reply = engine.generate([CORRUPT_EXTENDED], MAX_TOKENS)
         assert cached(reply) == store_hit(CORRUPT_EXTENDED)
         assert tokens(reply) == stage.reference[3]
+
+
+def test_serve_with_two_workers_reuses_kv_across_a_restart(stage: Stage, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVFACTORY_")}
+    env.update(
+        KVFACTORY_HOME=str(tmp_path),
+        KVFACTORY_VLLM_TENSOR_PARALLEL_SIZE=str(RANKS),
+        KVFACTORY_VLLM_KVCACHE_GIB="1",
+        KVFACTORY_VLLM_MAX_MODEL_LEN="2048",
+        HF_HUB_OFFLINE="1",
+    )
+    facts = " ".join(f"Fact {i}: the lamp number {i} burns {3 * i + 1} hours." for i in range(40))
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": facts},
+        {"role": "user", "content": "How long does the lamp number 7 burn?"},
+    ]
+    answers, cached_tokens = [], []
+    for run in range(2):  # the second run is a fresh gateway and a fresh vLLM
+        port = free_port()
+        command = [
+            sys.executable, "-m", "kvfactory", "serve", "--engine", "vllm",
+            "--port", str(port), "--model", str(stage.model),
+            "--store-dir", str(tmp_path / "store"), "--chunk-tokens", str(CHUNK),
+        ]  # fmt: skip
+        log = tmp_path / f"serve-{run}.log"
+        with open(log, "ab") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(process, base_url, log, 600)
+            client = openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0)
+            reply = client.chat.completions.create(
+                model=stage.model.name, messages=messages, max_tokens=8, temperature=0
+            )
+            assert reply.usage is not None and reply.usage.prompt_tokens > 2 * CHUNK
+            details = reply.usage.prompt_tokens_details
+            answers.append(reply.choices[0].message.content)
+            cached_tokens.append((details.cached_tokens if details else None) or 0)
+            if run == 1:
+                text = httpx.get(base_url + "/metrics", timeout=10).text
+                disk_hits = [
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("kvfactory_store_hits_total{") and 'tier="disk"' in line
+                ]
+                assert sum(disk_hits) >= RANKS  # each worker's part came off the disk tier
+        finally:
+            stop(process, 90)
+    assert cached_tokens[0] == 0
+    assert cached_tokens[1] >= 2 * CHUNK  # both ranks' parts, from the store
+    assert answers[1] == answers[0]

@@ -16,7 +16,12 @@ from pathlib import Path
 from vllm_harness import VLLM_PYTHON
 
 WRITE_TIMEOUT_S = 300.0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 _WRITE = """
 import json, sys
