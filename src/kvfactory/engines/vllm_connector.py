@@ -35,6 +35,12 @@ tensors into the store right after the forward; the store writes them through to
 remote tiers on its own bounded background queue, so no vLLM block is held after the step
 and ``get_finished`` never has requests to report.
 
+Roles: ``kv_both`` loads and saves. A ``kv_producer`` (a prefill instance) only saves, and
+its step ends once the saves have reached the store's lasting tiers, so the decode
+instance a proxy calls next finds them; a ``kv_consumer`` (a decode instance) only loads.
+Through a shared disk, shm or remote tier that is prefill/decode disaggregation without a
+transfer engine.
+
 Tensor parallelism: each worker holds only its KV heads, so each rank saves and loads its
 own part of every chunk, under its own namespace (``identity``); the scheduler keeps one
 planner per rank and offers a chunk only when every rank's part is stored. The workers
@@ -90,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvfactory.vllm")
 
 CONNECTOR_OPTIONS = frozenset({"save_generated"})
+HAND_OFF_TIMEOUT_S = 30.0
+"""How long a ``kv_producer``'s step waits for its saves to reach the lasting tiers."""
 
 
 class KVFactoryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
@@ -146,7 +154,12 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         worker = role == KVConnectorRole.WORKER
         self._shard = _tensor_parallel_rank() if worker and self._tp_size > 1 else 0
         """This worker's rank: the part of each block it saves and loads."""
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        transfer = self._kv_transfer_config
+        self._loads = bool(transfer.is_kv_consumer)
+        self._saves = bool(transfer.is_kv_producer)
+        self._hand_off = self._saves and not self._loads
+        """A prefill instance: saves are written through before its step ends."""
+        extra = dict(transfer.kv_connector_extra_config or {})
         # with TP the workers are processes of their own, each with a store; with one
         # worker it shares the scheduler's process and store
         settings = connector_settings(extra)
@@ -215,6 +228,8 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             )
             for planner, names in zip(self._planners, self._namespaces, strict=True)
         )
+        if not self._loads:
+            return 0, False  # a producer: tracked for its saves only
         if matched:
             log.debug("request %s: %d tokens from the store", request.request_id, matched)
         return matched, False
@@ -237,6 +252,10 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         saves: list[SaveSpec] = []
+        if not self._saves:
+            loads, self._pending_loads = self._pending_loads, []
+            recovered, self._recovered = self._recovered, []
+            return KVFactoryConnectorMetadata(loads, saves, recovered)
         scheduled = scheduler_output.num_scheduled_tokens
         progress = [
             (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
@@ -351,6 +370,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         assert isinstance(metadata, KVFactoryConnectorMetadata)
         if self._tp_size > 1 and metadata.loads:
             self._agree_on_failed_loads(metadata.loads)
+        saved = False
         for spec in metadata.saves:
             if spec.shard != self._shard:
                 continue
@@ -358,6 +378,13 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 log.info("request %s: not saving KV computed over a failed load", spec.request_id)
                 continue
             self._save(spec)
+            saved = True
+        if saved and self._hand_off and not self._store.flush(HAND_OFF_TIMEOUT_S):
+            log.warning(
+                "kv_producer: saves not written through within %.0f s; the decode instance "
+                "may recompute them",
+                HAND_OFF_TIMEOUT_S,
+            )
 
     def _agree_on_failed_loads(self, loads: list[LoadSpec]) -> None:
         """Taint, on every rank, the requests whose load failed on any rank this step.

@@ -50,7 +50,7 @@ def build_llm(options: dict[str, Any]) -> Any:
         kwargs["kv_transfer_config"] = {
             "kv_connector": "KVFactoryConnector",
             "kv_connector_module_path": "kvfactory.engines.vllm_connector",
-            "kv_role": "kv_both",
+            "kv_role": options.get("kv_role", "kv_both"),
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": options["store"],
         }
