@@ -251,11 +251,13 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._pending_loads += loads
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        saves = self._saves_this_step(scheduler_output) if self._saves else []
+        loads, self._pending_loads = self._pending_loads, []
+        recovered, self._recovered = self._recovered, []
+        return KVFactoryConnectorMetadata(loads, saves, recovered)
+
+    def _saves_this_step(self, scheduler_output: SchedulerOutput) -> list[SaveSpec]:
         saves: list[SaveSpec] = []
-        if not self._saves:
-            loads, self._pending_loads = self._pending_loads, []
-            recovered, self._recovered = self._recovered, []
-            return KVFactoryConnectorMetadata(loads, saves, recovered)
         scheduled = scheduler_output.num_scheduled_tokens
         progress = [
             (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
@@ -277,9 +279,7 @@ class KVFactoryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 )
                 if spec is not None:
                     saves.append(spec)
-        loads, self._pending_loads = self._pending_loads, []
-        recovered, self._recovered = self._recovered, []
-        return KVFactoryConnectorMetadata(loads, saves, recovered)
+        return saves
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         invalid = connector_output.invalid_block_ids
