@@ -30,13 +30,15 @@ from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
 from kvfactory.store.codec import verify_checksum
 from model_dir import default_model_dir
 
-pytestmark = [
+VLLM_MARKS = [
     pytest.mark.vllm,
     pytest.mark.slow,
     pytest.mark.skipif(
         not vllm_available(), reason="vLLM's CPU build is not installed (make vllm)"
     ),
 ]
+"""Every connector test module's marks: they all start vLLM's CPU build."""
+pytestmark = VLLM_MARKS
 
 CHUNK = 256
 BLOCK = 128

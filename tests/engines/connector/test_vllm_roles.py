@@ -12,18 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_vllm_connector import cached, store_hit, tokens
-from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
+from test_vllm_connector import VLLM_MARKS, cached, store_hit, tokens
+from vllm_harness import VLLMDriver, synthetic_prompt
 
 from model_dir import default_model_dir
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not vllm_available(), reason="vLLM's CPU build is not installed (make vllm)"
-    ),
-]
+pytestmark = VLLM_MARKS
 
 CHUNK = 256
 MAX_TOKENS = 8

@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
+from test_vllm_connector import VLLM_MARKS
+from vllm_harness import VLLMDriver, synthetic_prompt
 
 from model_dir import default_model_dir
 
 pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not vllm_available(), reason="vLLM's CPU build is not installed (make vllm)"
-    ),
+    *VLLM_MARKS,
     pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm tmpfs here"),
 ]
 

@@ -22,21 +22,23 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-from test_vllm_connector import cached, corrupt, eventually, incidents_in, store_hit, tokens
+from test_vllm_connector import (
+    VLLM_MARKS,
+    cached,
+    corrupt,
+    eventually,
+    incidents_in,
+    store_hit,
+    tokens,
+)
 from tiny_model import write_tiny_llama
-from vllm_harness import VLLMDriver, synthetic_prompt, vllm_available
+from vllm_harness import VLLMDriver, synthetic_prompt
 
 from kvfactory.bench.servers import free_port, stop, wait_healthy
 from kvfactory.store.codec import peek_header
 from model_dir import default_model_dir
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not vllm_available(), reason="vLLM's CPU build is not installed (make vllm)"
-    ),
-]
+pytestmark = VLLM_MARKS
 
 CHUNK = 256
 RANKS = 2

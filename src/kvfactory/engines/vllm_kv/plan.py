@@ -12,8 +12,8 @@ are emitted the step a chunk becomes fully computed (prompt and, by default, gen
 tokens, as vLLM's own prefix cache does), never for chunks the store already holds.
 Under tensor parallelism the connector keeps one planner per rank (each rank's part of a
 block has keys of its own) and offers the fewest chunks any rank's part covers; specs
-name their ``shard`` so each worker takes its own. This module knows neither torch nor vLLM's classes: callers pass token lists, block ids
-and counts.
+name their ``shard`` so each worker takes its own. This module knows neither torch nor
+vLLM's classes: callers pass token lists, block ids and counts.
 """
 
 from __future__ import annotations

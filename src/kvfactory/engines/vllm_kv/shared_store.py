@@ -63,25 +63,29 @@ def acquire(settings: Settings) -> tuple[ContextStore, IncidentLog]:
         return entry.store, entry.incidents
 
 
+def _entry_of(store: ContextStore) -> tuple[Path, _Entry] | None:
+    """The table row of ``store`` (called with ``_lock`` held)."""
+    return next(((w, e) for w, e in _open.items() if e.store is store), None)
+
+
 def report(store: ContextStore) -> Report | None:
     """What changed in ``store``'s metrics since this process last reported them."""
     with _lock:
-        entry = next((e for e in _open.values() if e.store is store), None)
-        if entry is None:
-            return None
-        return entry.reporter.take()
+        found = _entry_of(store)
+        return None if found is None else found[1].reporter.take()
 
 
 def release(store: ContextStore) -> None:
     """Give back a handle from ``acquire``; the last one flushes and closes the store."""
     with _lock:
-        for where, entry in list(_open.items()):
-            if entry.store is store:
-                entry.users -= 1
-                if entry.users <= 0:
-                    del _open[where]
-                    entry.store.close()
-                return
+        found = _entry_of(store)
+        if found is None:
+            return
+        where, entry = found
+        entry.users -= 1
+        if entry.users <= 0:
+            del _open[where]
+            entry.store.close()
 
 
 @atexit.register
