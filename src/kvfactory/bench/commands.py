@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvfactory.bench.report import Summary, charts, summarize, summary_table, to_json
-from kvfactory.bench.runner import Endpoint, RunOptions, Shot, run_workload
+from kvfactory.bench.shots import Endpoint, RunOptions, Shot
 from kvfactory.bench.workloads import (
     Workload,
     agent_loop,
@@ -92,6 +92,8 @@ def run_one(
     endpoint: Endpoint, workload: Workload, options: RunOptions, console: Console
 ) -> tuple[Summary, list[Shot]]:
     """The workload against one endpoint, with a progress bar."""
+    from kvfactory.bench.runner import run_workload  # the openai client: the bench extra
+
     with Progress(
         TextColumn(f"{endpoint.name} {workload.name}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),

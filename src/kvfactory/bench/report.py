@@ -18,8 +18,9 @@ from typing import Any
 
 from rich.table import Table
 
-from kvfactory.bench.runner import Shot
+from kvfactory.bench.shots import Shot
 from kvfactory.errors import ConfigError
+from kvfactory.extras import pyplot, require
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +142,8 @@ def to_json(runs: Sequence[tuple[Summary, Sequence[Shot]]]) -> dict[str, Any]:
 
 def charts(runs: Sequence[tuple[Summary, Sequence[Shot]]], path: Path) -> None:
     """TTFT CDF per endpoint (left) and mean TTFT per turn (right) into one PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as exc:
-        raise ConfigError("PNG charts need matplotlib: pip install 'kvfactory[bench]'") from exc
+    plt = pyplot()
+    MaxNLocator = require("matplotlib.ticker", "PNG charts").MaxNLocator
     figure, (cdf, turns) = plt.subplots(1, 2, figsize=(11, 4))
     for summary, shots in runs:
         values = sorted(s.ttft_s for s in shots if s.error is None and s.ttft_s is not None)

@@ -17,48 +17,19 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import openai
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
-
+from kvfactory.bench.shots import Endpoint, RunOptions, Shot
 from kvfactory.bench.workloads import Session, Turn, Workload
+from kvfactory.extras import require
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
+else:
+    openai = require("openai", "kvfactory bench (the official openai client)")
 
 INCLUDE_USAGE: ChatCompletionStreamOptionsParam = {"include_usage": True}
-
-
-@dataclass(frozen=True, slots=True)
-class Shot:
-    """One timed turn."""
-
-    session: int
-    turn: int
-    started_s: float
-    """Offset from the start of the run."""
-    ttft_s: float | None
-    latency_s: float
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    tpot_s: float | None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    name: str
-    base_url: str
-    model: str | None = None
-    api_key: str = "unused"
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    concurrency: int = 8
-    """Requests in flight at once, over all sessions."""
-    request_rate: float | None = None
-    """Sessions started per second (``None``: all at once, bounded by ``concurrency``)."""
-    timeout_s: float = 600.0
 
 
 Progress = Callable[[Shot], None]

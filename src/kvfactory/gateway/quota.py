@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 WINDOW_S = 60.0
+DEFAULT_PREFIX = "kvf:quota:"
+"""Key prefix of the shared quota windows in Redis/Valkey (``shared_quota``)."""
 
 
 @dataclass(slots=True)

@@ -35,10 +35,16 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from kvfactory.errors import ConfigError
-from kvfactory.gateway.quota import WINDOW_S, QuotaVerdict, QuotaWindow, Reservation, TenantWindow
+from kvfactory.gateway.quota import (
+    DEFAULT_PREFIX,
+    WINDOW_S,
+    QuotaVerdict,
+    QuotaWindow,
+    Reservation,
+    TenantWindow,
+)
 from kvfactory.telemetry.incidents import Incident, IncidentKind, IncidentLog
 
-DEFAULT_PREFIX = "kvf:quota:"
 _SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss",
             "unix": "unix"}  # fmt: skip
 log = logging.getLogger("kvfactory.gateway.quota")

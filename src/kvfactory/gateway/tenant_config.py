@@ -44,14 +44,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvfactory.errors import ConfigError
+from kvfactory.extras import require
 from kvfactory.gateway.admission import DEFAULT_PRIORITY, Admission, PriorityClass, TenantLimits
-from kvfactory.gateway.quota import LocalQuotas, QuotaBook
-from kvfactory.gateway.shared_quota import DEFAULT_PREFIX, SharedQuotas, check_quota_url
+from kvfactory.gateway.quota import DEFAULT_PREFIX, LocalQuotas, QuotaBook
 from kvfactory.gateway.tenancy import TenantResolver
 from kvfactory.telemetry.incidents import IncidentLog
 
 DEFAULT_MAX_CONCURRENT = 256
 _PLAINTEXT_FIELDS = ("key", "api_key", "keys", "api_keys")
+
+
+def _shared_quota() -> Any:
+    """``gateway.shared_quota``, which needs the Redis client (the ``redis`` extra)."""
+    require("redis", "shared quotas ([admission] quota_url)")
+    from kvfactory.gateway import shared_quota
+
+    return shared_quota
 
 
 class _Strict(BaseModel):
@@ -124,7 +132,10 @@ class TenancyConfig:
     def quotas(self, incidents: IncidentLog | None = None) -> QuotaBook:
         if self.quota_url is None:
             return LocalQuotas()
-        return SharedQuotas(self.quota_url, prefix=self.quota_prefix, incidents=incidents)
+        book: QuotaBook = _shared_quota().SharedQuotas(
+            self.quota_url, prefix=self.quota_prefix, incidents=incidents
+        )
+        return book
 
     def resolver(self, secret: bytes) -> TenantResolver:
         return TenantResolver(secret, hashed_keys=self.hashed_keys())
@@ -189,8 +200,9 @@ def parse_tenancy(config: Mapping[str, Any]) -> TenancyConfig:
                     f"tenants ({owners[digest]}, {entry.name})"
                 )
     if admission.quota_url is not None:
+        shared = _shared_quota()  # a missing extra is its own one-line error, not "[admission]"
         try:
-            check_quota_url(admission.quota_url)
+            shared.check_quota_url(admission.quota_url)
         except ConfigError as exc:
             raise ConfigError(f"[admission] {exc}") from None
     result = TenancyConfig(

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvfactory.errors import KVFactoryError
+from kvfactory.extras import MissingExtraError
 from kvfactory.gateway.tenancy import hash_api_key
 from kvfactory.gateway.tenant_config import load_tenancy
 
@@ -66,6 +67,8 @@ def check_command(
     """Validate the tenant, priority and admission tables of a config file."""
     try:
         tenancy = load_tenancy(config)
+    except MissingExtraError:
+        raise  # exit code 2 with the extra to install, like every other command
     except KVFactoryError as exc:
         raise _fail(str(exc)) from exc
     table = Table(title=f"tenants (max_concurrent {tenancy.max_concurrent})")

@@ -14,6 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from kvfactory.errors import ConfigError
+from kvfactory.extras import pyplot
 from kvfactory.planner.kvmath import load_seconds
 from kvfactory.planner.plan import PlanResult
 from kvfactory.planner.replay import Comparison, policy_ratios
@@ -277,14 +278,7 @@ def plan_to_dict(plan: PlanResult) -> dict[str, Any]:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("PNG charts need matplotlib: pip install 'kvfactory[bench]'") from exc
-    return plt
+    return pyplot()
 
 
 def _save(figure: Any, path: Path) -> None:

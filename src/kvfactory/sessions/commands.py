@@ -31,6 +31,7 @@ from rich.markup import escape
 
 from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError, KVFactoryError, RequestError
+from kvfactory.extras import MissingExtraError
 from kvfactory.sessions.model import Message, OverflowPolicy
 from kvfactory.sessions.render import (
     audit_table,
@@ -120,6 +121,8 @@ def _service(
         raise SessionCommandFailed(f"no session database at {path} (no session created yet)")
     try:
         service = open_session_database(url)
+    except MissingExtraError:
+        raise  # the install, not the database, is at fault: exit code 2
     except ConfigError as exc:  # the database, not the settings, is at fault
         raise SessionCommandFailed(str(exc)) from exc
     try:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from kvfactory.errors import ConfigError
+from kvfactory.extras import require
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -135,6 +136,7 @@ def open_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() != "postgresql":
         raise ConfigError(f"sessions support sqlite and postgresql URLs, got {url!r}")
+    require("psycopg", "a PostgreSQL database (postgresql:// URL)")
     return sa.create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=16)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kvfactory.config import Settings
 from kvfactory.errors import ConfigError
+from kvfactory.extras import require
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.tiers.base import Tier, TransferCost
 from kvfactory.store.tiers.disk import DiskTier
@@ -88,12 +89,9 @@ def remote_tiers(
     imported only here, so the store runs without the ``redis`` extra."""
     if settings.remote_url is None:
         return []
-    try:
-        from kvfactory.store.tiers.redis import RedisTier
-    except ImportError as exc:
-        raise ConfigError(
-            f"--store-remote needs the redis client: pip install 'kvfactory[redis]' ({exc})"
-        ) from exc
+    require("redis", "the Redis/Valkey tier (--store-remote)")
+    from kvfactory.store.tiers.redis import RedisTier
+
     try:
         return [
             RedisTier(settings.remote_url, incidents=incidents, configure_server=configure_server)

@@ -18,8 +18,8 @@ twice. This module does not know tokens, prices, tenants or Prometheus.
 from __future__ import annotations
 
 import bisect
-import importlib
 import itertools
+import logging
 import math
 import threading
 import time
@@ -27,6 +27,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from kvfactory.extras import MissingExtraError, require
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.1  # NVML itself refreshes board power about every 20-100 ms
 DEFAULT_KEEP_S = 900.0  # longer than any request we expect to account for
@@ -179,9 +183,13 @@ class NvmlPower(SampledPower):
     ) -> NvmlPower | None:
         """A running sampler, or ``None`` when NVML is not installed or no GPU answers."""
         try:
-            nvml: Any = importlib.import_module("pynvml")
+            nvml: Any = require("pynvml", "measured GPU power (NVML)")
+        except MissingExtraError as exc:
+            log.warning("%s; estimating energy from the configured watts instead", exc)
+            return None
+        try:
             nvml.nvmlInit()
-        except Exception:  # not installed, no driver, no GPU: all mean "estimate instead"
+        except Exception:  # no driver, no GPU: both mean "estimate instead"
             return None
         try:
             handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]

@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from kvfactory.errors import ConfigError
+from kvfactory.extras import pyplot
 from kvfactory.telemetry.cost import per_million
 from kvfactory.telemetry.economics import UsageRecord
 
@@ -147,14 +148,7 @@ def summary_table(rows: Sequence[UsageSummary], title: str) -> Table:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("PNG charts need matplotlib: pip install 'kvfactory[bench]'") from exc
-    return plt
+    return pyplot()
 
 
 def economics_chart(
