@@ -107,7 +107,7 @@ class ModelRunner:
         inputs = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             output = self.model(
-                input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1
             )
         logits: torch.Tensor = output.logits[0, -1]
         return logits
