@@ -43,6 +43,8 @@ lock: $(VENV)/.dev
 	$(VENV)/bin/pip-compile -q --upgrade --all-extras --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links --no-header -c requirements/torch.txt \
 		-o $(LOCK) pyproject.toml
+	bash scripts/vllm.sh lock
+	rm -rf .venv-vllm
 	$(MAKE) test
 
 # Debian's redis-server for the shared-tier tests and demo (apt-get; skipped when on PATH).

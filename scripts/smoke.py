@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -138,16 +139,29 @@ def serve_and_ask(
                 server.wait()
 
 
+def quick_start_commands(readme: Path) -> list[list[str]]:
+    """The commands of the README's quick start block, comments dropped: what a new user
+    types, so this check follows the README when it changes."""
+    text = readme.read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    lines = (line.split("#", 1)[0].strip() for line in block.splitlines())
+    return [shlex.split(line) for line in lines if line]
+
+
 def fresh_serve(work: Path) -> None:
     repo = work / "repo"
     copy_checkout(repo)
+    first = quick_start_commands(repo / "README.md")[0]
+    if first[:2] != ["make", "serve"]:
+        raise SystemExit(f"[smoke] FAILED: the README's first command is {first}, not make serve")
     client = client_venv(work)
     port = free_port()
     env = {**os.environ, "KVFACTORY_HOME": str(work / "home")}
     env.pop("VIRTUAL_ENV", None)
     t0 = time.monotonic()
-    serve_and_ask(["make", "serve", f"PORT={port}"], cwd=repo, env=env, port=port,
-                  client=client, t0=t0)  # fmt: skip
+    serve_and_ask([*first, f"PORT={port}"], cwd=repo, env=env, port=port, client=client,
+                  t0=t0)  # fmt: skip
     log(f"OK: a clean copy's `make serve` answered in {time.monotonic() - t0:.0f} s")
 
 
