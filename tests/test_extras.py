@@ -199,3 +199,52 @@ def test_nvml_without_pynvml_estimates_and_says_which_extra(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'kvfactory[nvml]'" in done.stderr
+
+
+NOT_PIP_DEPENDENCIES = {"torch", "vllm"}
+"""torch is installed first, by hand (the CPU build; a dependency would pull a CUDA wheel);
+vLLM runs in its own environment (``make vllm``) and is imported only inside it."""
+
+
+def test_every_third_party_import_is_declared_in_pyproject() -> None:
+    """A package the code imports must be a dependency of the core or of an extra, by its own
+    name: one inherited through another package (httptools through uvicorn[standard])
+    disappears when that package changes its dependencies."""
+    import ast
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def dist_names(specs: list[str]) -> set[str]:
+        bare = (re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0] for spec in specs)
+        return {re.sub(r"[-_.]+", "-", name).lower() for name in bare}
+
+    extras = {name: dist_names(specs) for name, specs in project["optional-dependencies"].items()}
+    declared = dist_names(project["dependencies"]).union(*extras.values())
+    distributions = {
+        module: {re.sub(r"[-_.]+", "-", d).lower() for d in dists}
+        for module, dists in md.packages_distributions().items()
+    }
+    undeclared = {}
+    for path in (root / "src" / "kvfactory").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                if top in sys.stdlib_module_names or top in {"kvfactory", "__future__"}:
+                    continue
+                if top in NOT_PIP_DEPENDENCIES:
+                    continue
+                if not distributions.get(top, {top}) & declared:
+                    undeclared[top] = str(path.relative_to(root))
+    assert undeclared == {}
+    for module, extra in EXTRAS.items():  # the one-line error names the right extra
+        assert distributions[module] & extras[extra], (module, extra)
