@@ -75,7 +75,10 @@ def test_foreign_blocks_are_rejected(runner: ModelRunner, tiny_model_dir: Path) 
 
 def test_fingerprint_layout_and_digest_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
     fingerprint = build_fingerprint(tiny_model_dir, dtype="float32", chunk_tokens=CHUNK)
-    assert fingerprint.kv_layout == "hf:llama:L2:kvh2:hd16:[layers,2,kv_heads,tokens,head_dim]"
+    assert (
+        fingerprint.kv_layout
+        == "hf:llama:L2:kvh2:hd16:[layers,2,kv_heads,tokens,head_dim]:attn=sdpa"
+    )
     cache_file = tmp_path / "fp.json"
     first = file_digests(tiny_model_dir, cache_file)
     assert cache_file.is_file() and file_digests(tiny_model_dir, cache_file) == first
@@ -89,5 +92,5 @@ def test_fingerprint_layout_and_digest_cache(tiny_model_dir: Path, tmp_path: Pat
     config = copy / "tokenizer_config.json"
     config.write_text(config.read_text() + " ", encoding="utf-8")
     os.utime(config, ns=(1, 1))
-    weights_digest, tokenizer_digest = file_digests(copy, copy_cache)
-    assert weights_digest == first[0] and tokenizer_digest != first[1]
+    changed = file_digests(copy, copy_cache)
+    assert changed.weights == first.weights and changed.tokenizer != first.tokenizer

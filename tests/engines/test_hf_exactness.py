@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -261,3 +262,39 @@ def test_chunk_aligned_warm_logits_are_bit_identical(model_dir: Path, dtype: tor
     for cold_layer, warm_layer in zip(cold_cache.layers, warm_cache.layers, strict=True):
         assert torch.equal(cold_layer.keys, warm_layer.keys)
         assert torch.equal(cold_layer.values, warm_layer.values)
+
+
+def test_a_changed_rope_theta_never_reuses_kv_of_the_old_config(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The regression of issue 23: fill a store, change ``rope_theta`` in a copy of the
+    model folder's config.json, restart on the same store: nothing is served from the old
+    KV, and the output equals a cold run under the new config."""
+    store_dir = tmp_path / "store"
+    engine, store = start(make_settings(model_dir, store_dir), with_store=True)
+    try:
+        prompt = engine.tokenize(DOCUMENT)[:200] + engine.tokenize(QUESTIONS[0])
+        old_tokens, _ = greedy(engine, prompt, "fill")
+        assert engine.reuse is not None and engine.reuse.drain(30)
+        assert greedy(engine, prompt, "warm")[1] == 3 * CHUNK  # the store does hit
+    finally:
+        stop(engine, store)
+    changed = tmp_path / "changed-model"
+    shutil.copytree(model_dir, changed)
+    config = json.loads((changed / "config.json").read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or config
+    rope["rope_theta"] = float(rope["rope_theta"]) / 10
+    (changed / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    cold, _ = start(make_settings(changed, tmp_path / "unused", reuse=False), with_store=False)
+    try:
+        expected = greedy(cold, prompt, "cold")[0]
+    finally:
+        stop(cold, None)
+    assert expected != old_tokens  # the new config really computes something else
+    engine, store = start(make_settings(changed, store_dir), with_store=True)
+    try:
+        tokens, cached = greedy(engine, prompt, "after-config-change")
+        assert cached == 0
+        assert tokens == expected
+    finally:
+        stop(engine, store)

@@ -87,12 +87,16 @@ class HFEngine:
         self._text = ChatTokenizer(self.tokenizer)
         self._stream_tokenizer = load_tokenizer_from(model_dir)
         self.runner = ModelRunner.load(model_dir, device=device, dtype=dtype, console=console)
+        self._text.max_prompt_tokens = self.runner.context_window  # refuse huge text untokenized
         if device.type == "cpu":
             reserve_and_report(settings.host_reserve_bytes, "KV buffers")
+        # NOTE: the fingerprint names the attention implementation the loaded model runs,
+        # not the one asked for, so KV is never shared across a silent fallback.
         self.fingerprint: ModelFingerprint = build_fingerprint(
             model_dir,
             dtype=dtype_name(dtype),
             chunk_tokens=settings.chunk_tokens,
+            attn_implementation=self.runner.attn_implementation,
             cache_file=fingerprint_cache_file(settings.models_dir, model_dir),
         )
         self.eos_ids = eos_token_ids(self.runner.model, self.tokenizer)

@@ -34,6 +34,20 @@ def load_tokenizer_from(model_dir: Path) -> Any:
         raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {first_line(exc)}") from exc
 
 
+def choose_attn_implementation(model_dir: Path) -> str:
+    """The attention implementation the engine loads ``model_dir`` with, decided from its
+    config alone (no weights): SDPA where the model class supports it, else eager — the
+    same choice transformers makes unasked, but made here so the fingerprint can name it
+    before loading (the CLI's weight-free fingerprint must equal the engine's)."""
+    transformers = import_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        model_class = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read model config in {model_dir}: {first_line(exc)}") from exc
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
@@ -58,6 +72,12 @@ class ModelRunner:
         self.dtype = dtype
         self.config = model.config
 
+    @property
+    def attn_implementation(self) -> str:
+        """The attention implementation the loaded model actually runs (what transformers
+        settled on, not what was asked for); it shapes every layer's KV after the first."""
+        return str(self.config._attn_implementation)
+
     @classmethod
     def load(
         cls,
@@ -65,9 +85,13 @@ class ModelRunner:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        attn_implementation: str | None = None,
         console: Console | None = None,
     ) -> ModelRunner:
+        """Load ``model_dir`` with ``attn_implementation`` (default: the one
+        ``choose_attn_implementation`` picks), asked for explicitly."""
         transformers = import_transformers()
+        attention = attn_implementation or choose_attn_implementation(model_dir)
         if device.type == "cpu":
             # Let SDPA handle grouped-query attention itself instead of repeat_kv copying
             # every cached key and value per step (measured 0.30 -> 0.25 s for 32 tokens
@@ -78,7 +102,7 @@ class ModelRunner:
         with console.status(f"Loading {model_dir.name} ({dtype_name(dtype)} on {device})"):
             try:
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=dtype, local_files_only=True
+                    model_dir, dtype=dtype, attn_implementation=attention, local_files_only=True
                 )
             except Exception as exc:
                 raise ModelLoadError(
@@ -106,11 +130,15 @@ class ModelRunner:
         """Append ``token_ids`` to ``cache``; return the logits after the last one."""
         inputs = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            output = self.model(
-                input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1
-            )
+            output = self.model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
         logits: torch.Tensor = output.logits[0, -1]
         return logits
 
 
-__all__ = ["EXTRA_EOS_TOKENS", "ModelRunner", "eos_token_ids", "load_tokenizer_from"]
+__all__ = [
+    "EXTRA_EOS_TOKENS",
+    "ModelRunner",
+    "choose_attn_implementation",
+    "eos_token_ids",
+    "load_tokenizer_from",
+]

@@ -1,17 +1,19 @@
 """Who the KV belongs to inside vLLM: model fingerprint and per-request namespace.
 
 The fingerprint must be computable on vLLM's scheduler side, which never sees the KV
-tensors, and equal on the worker side: it is built from the model's files (weights and
-tokenizer digests, shared with the embedded engine's ``file_digests``; a model named by
-hub id is identified by its name and revision), the KV cache spec vLLM chose (block size,
-KV heads, head size, dtype, layer count), the platform (CPU and CUDA lay blocks out
-differently) and vLLM's version. Under tensor parallelism each worker holds only its KV
-heads of every block, so each rank's part is a block of its own, in a namespace of its
-own: the layout names the rank (``/tp1of2``); one worker keeps the unsharded layout, so
-its stores stay valid. A request's ``cache_salt`` — set by the kvfactory
-gateway per tenant, never by a client — is the tenant salt of its namespace, so
-different salts never share a block. This module knows vLLM's config only as plain
-values passed in.
+tensors, and equal on the worker side: it is built from the model's files (weights,
+``config.json`` and tokenizer digests, shared with the embedded engine's ``file_digests``,
+so an edited config — a new ``rope_theta`` — is a new namespace; a model named by hub id is
+identified by its name and revision), the KV cache spec vLLM chose (block size, KV heads,
+head size, dtype, layer count), the platform (CPU and CUDA lay blocks out differently),
+vLLM's version and kvfactory's block format version. Stores filled before ``config.json``
+was digested are in another namespace and simply stop hitting. Under tensor parallelism
+each worker holds only its KV heads of every block, so each rank's part is a block of its
+own, in a namespace of its own: the layout names the rank (``/tp1of2``); one worker keeps
+the unsharded layout, so its stores stay valid. A request's ``cache_salt`` — set by the
+kvfactory gateway per tenant, never by a client — is the tenant salt of its namespace, so
+different salts never share a block. This module knows vLLM's config only as plain values
+passed in.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from pathlib import Path
 
 import blake3
 
-from kvfactory._types import ModelFingerprint
-from kvfactory.engines.hf.fingerprint import file_digests, fingerprint_cache_file
+from kvfactory._types import FORMAT_VERSION, ModelFingerprint
+from kvfactory.engines.hf.fingerprint import (
+    file_digests,
+    fingerprint_cache_file,
+    tokenizer_digest,
+)
 from kvfactory.store.keys import Namespace
 
 DEFAULT_TENANT = "default"
@@ -56,9 +62,8 @@ def _digests(
 ) -> tuple[str, str]:
     model_dir = Path(model).expanduser()
     if model_dir.is_dir():
-        weights, tokens = file_digests(
-            model_dir, fingerprint_cache_file(home / "models", model_dir)
-        )
+        digests = file_digests(model_dir, fingerprint_cache_file(home / "models", model_dir))
+        weights, tokens = digests.model_digest(), digests.tokenizer  # weights + config.json
     else:
         # A hub id: vLLM resolves it itself; name and revision are all we can trust here.
         weights = blake3.blake3(f"hub:{model}@{revision or 'main'}".encode()).hexdigest()
@@ -66,7 +71,7 @@ def _digests(
     if tokenizer and tokenizer != model:
         tokenizer_dir = Path(tokenizer).expanduser()
         if tokenizer_dir.is_dir():
-            _, tokens = file_digests(tokenizer_dir)
+            tokens = tokenizer_digest(tokenizer_dir)
         else:
             tokens = blake3.blake3(f"hub-tokenizer:{tokenizer}".encode()).hexdigest()
     return weights, tokens
@@ -88,6 +93,7 @@ def shard_fingerprints(
             kv_layout=layout if shards == 1 else f"{layout}/tp{rank}of{shards}",
             dtype=identity.kv_dtype,
             chunk_tokens=chunk_tokens,
+            format_version=FORMAT_VERSION,
         )
         for rank in range(shards)
     )
