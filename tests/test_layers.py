@@ -196,7 +196,7 @@ def test_the_checker_flags_synthetic_violations(tmp_path: Path) -> None:
             "import importlib\nimportlib.import_module('kvfactory.store.context_store')\n"
         ),  # dynamic: bad
         "kvfactory/cli.py": "import kvfactory.gateway.app\nimport kvfactory.engines.hf\n",
-        "kvfactory/extras.py": "",  # in no layer: bad
+        "kvfactory/misc.py": "",  # in no layer: bad
     }
     for relative, text in files.items():
         _write(tmp_path, relative, text)
@@ -209,5 +209,5 @@ def test_the_checker_flags_synthetic_violations(tmp_path: Path) -> None:
         ("kvfactory.store.cost", "kvfactory.gateway.app"),
         ("kvfactory.gateway.app", "kvfactory.engines.hf"),
         ("kvfactory.planner.sim", "kvfactory.store.context_store"),
-        ("kvfactory.extras", ""),
+        ("kvfactory.misc", ""),
     }
