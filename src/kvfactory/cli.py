@@ -328,7 +328,7 @@ def run_server(settings: Settings) -> None:
 
     from kvfactory.engines.hf import resolve_model_dir
     from kvfactory.gateway import TenantResolver, create_app
-    from kvfactory.gateway.trusted import TrustedGateway, key_from_env
+    from kvfactory.gateway.trusted import TrustedGateway, TrustedHeaderGuard, key_from_env
     from kvfactory.sessions.commands import open_session_database, redacted_url
     from kvfactory.sessions.incident_log import open_incident_log
     from kvfactory.store.factory import open_store
@@ -387,6 +387,8 @@ def run_server(settings: Settings) -> None:
         app_ = create_app(
             [engine], metrics=metrics, incidents=incidents, tenants=tenants, sessions=sessions
         )
+        # Each signed tenant header is checked against the request it came with.
+        asgi: Any = app_ if trusted is None else TrustedHeaderGuard(app_, trusted)
         log.info(
             "serving model '%s' (%s) at http://%s:%d/v1  (metrics: /metrics)",
             engine.model_name,
@@ -395,7 +397,7 @@ def run_server(settings: Settings) -> None:
             settings.port,
         )
         uvicorn.run(
-            app_,
+            asgi,
             host=settings.host,
             port=settings.port,
             log_config=None,

@@ -118,23 +118,35 @@ class Gateway:
     config: Path
     incidents: Path
     log: Path
+    admin_key: str | None = None
+    """The config's admin key (its digest is in the config), for the operational endpoints."""
 
     @property
     def v1(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers that carry the admin key (none for a gateway without one)."""
+        return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+
     def incidents_of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
-        items = httpx.get(self.v1 + "/incidents", params={"kind": kind, "limit": 1000}).json()
+        params: dict[str, str | int] = {"kind": kind, "limit": 1000}
+        items = httpx.get(self.v1 + "/incidents", params=params, headers=self.admin).json()
         return [i for i in items["data"] if all(i.get(k) == v for k, v in match.items())]
 
     def backend(self, name: str) -> dict[str, Any]:
-        snapshot: dict[str, Any] = httpx.get(self.v1 + "/backends").json()[name]
+        found = httpx.get(self.v1 + "/backends", headers=self.admin).json()
+        snapshot: dict[str, Any] = found[name]
         return snapshot
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers=self.admin, timeout=30).text
 
 
 @contextlib.contextmanager
 def running_gateway(
-    tmp: Path, config_text: str, *, startup_timeout_s: float = 60
+    tmp: Path, config_text: str, *, startup_timeout_s: float = 60, admin_key: str | None = None
 ) -> Iterator[Gateway]:
     config = tmp / "factory.toml"
     config.write_text(config_text, encoding="utf-8")
@@ -145,4 +157,4 @@ def running_gateway(
     base = f"http://127.0.0.1:{port}"
     with running_process(command, base_url=base, log=log, env=_env(),
                          startup_timeout_s=startup_timeout_s, stop_timeout_s=30):  # fmt: skip
-        yield Gateway(base, config, tmp / "incidents.jsonl", log)
+        yield Gateway(base, config, tmp / "incidents.jsonl", log, admin_key)

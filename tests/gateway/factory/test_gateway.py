@@ -447,7 +447,12 @@ def test_each_backend_kind_gets_the_gateways_salt_never_the_clients(
     assert "cache_salt" not in kvf["body"]
     signed = kvf["headers"]["x-kvfactory-tenant"]
     verifier = TrustedGateway(gateway_key(GATEWAY_KEY))
-    assert verifier.verify(signed) == ("default", salt)
+    sent = json.dumps(kvf["body"], separators=(",", ":")).encode()  # the bytes it signed
+    path = "/v1/chat/completions"
+    assert verifier.verify_request(signed, method="POST", path=path, body=sent) == (
+        "default",
+        salt,
+    )
     for seen in (vllm, hosted):  # client headers are never forwarded
         assert "x-kvfactory-tenant" not in seen["headers"]
 

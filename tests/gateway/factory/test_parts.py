@@ -5,22 +5,36 @@ pooled clients are never used here)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.errors import APIError
 from kvfactory.gateway.factory.affinity import PrefixIndex, prefix_digests
 from kvfactory.gateway.factory.backends import Backends
 from kvfactory.gateway.factory.config import BackendConfig, load_config, parse_config
+from kvfactory.gateway.factory.failures import Blame, Failure
 from kvfactory.gateway.factory.health import CircuitBreaker, CircuitState
+from kvfactory.gateway.factory.hostile import suspicion
 from kvfactory.gateway.factory.isolation import isolation_for
 from kvfactory.gateway.factory.relay import EventSplitter, Rewrite, inspect
 from kvfactory.gateway.factory.routing import STRATEGIES, Router, RouteRequest, RoutingState
 from kvfactory.gateway.tenancy import TenantResolver
-from kvfactory.gateway.trusted import MAX_SKEW_S, TrustedGateway, gateway_key
+from kvfactory.gateway.trusted import (
+    MAX_SKEW_S,
+    TENANT_HEADER,
+    TrustedGateway,
+    TrustedHeaderGuard,
+    gateway_key,
+)
 
 
 class Clock:
@@ -29,6 +43,15 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _whoami(resolver: TenantResolver) -> Callable[[Request], Awaitable[Response]]:
+    async def whoami(request: Request) -> Response:
+        body = (await request.body()).decode()
+        return JSONResponse({"tenant": resolver.resolve_headers(request.headers).name,
+                             "body": body})  # fmt: skip
+
+    return whoami
 
 
 def config(**backends: dict[str, Any]) -> Any:
@@ -125,53 +148,112 @@ def test_engine_backends_resolve_paths_and_need_an_opener(tmp_path: Path) -> Non
     assert "e" not in Backends.from_config(loaded, clock=Clock(), env={}, skip_engines=True)
 
 
+PATH = "/v1/chat/completions"
+BODY = b'{"model":"m","messages":[]}'
+
+
 def test_trusted_gateway_header_round_trip_and_refusals() -> None:
     now = [1_000_000.0]
     key = gateway_key("a-long-enough-shared-key")
     signer = TrustedGateway(key, clock=lambda: now[0])
+    verifier = TrustedGateway(key, clock=lambda: now[0])  # the backend's own instance
     salt = bytes(range(32))
-    header = signer.header("team a;=/é", salt)
-    assert signer.verify(header) == ("team a;=/é", salt)
+    header = signer.header("team a;=/é", salt, path=PATH, body=BODY)
+    assert verifier.verify_request(header, method="POST", path=PATH, body=BODY) == (
+        "team a;=/é",
+        salt,
+    )
     other = TrustedGateway(gateway_key("another-long-enough-key"), clock=lambda: now[0])
     with pytest.raises(APIError, match="bad signature") as caught:
-        other.verify(header)
+        other.verify_request(header, method="POST", path=PATH, body=BODY)
     assert caught.value.status_code == 401
     tampered = header.replace("salt=00", "salt=01")
     with pytest.raises(APIError, match="bad signature"):
-        signer.verify(tampered)
+        verifier.verify_request(tampered, method="POST", path=PATH, body=BODY)
     with pytest.raises(APIError, match="malformed"):
-        signer.verify("tenant=a;salt=00")
+        verifier.verify_request("tenant=a;salt=00", method="POST", path=PATH, body=BODY)
+    now[0] += MAX_SKEW_S + 1
+    late = signer.header("a", salt, path=PATH, body=BODY)
     now[0] += MAX_SKEW_S + 1
     with pytest.raises(APIError, match="expired"):
-        signer.verify(header)
+        verifier.verify_request(late, method="POST", path=PATH, body=BODY)
     with pytest.raises(ConfigError, match="at least 16"):
         gateway_key("short")
 
 
-def test_a_resolver_without_a_trusted_gateway_refuses_the_header() -> None:
+def test_a_signed_header_is_good_for_its_own_request_once() -> None:
+    """Issue 23: an overheard header used to be replayable for 5 minutes, on any body."""
+    key = gateway_key("a-long-enough-shared-key")
+    signer, verifier = TrustedGateway(key), TrustedGateway(key)
+    header = signer.header("team-a", b"\x01" * 32, path=PATH, body=BODY)
+    for why, method, path, body in [
+        ("another body", "POST", PATH, BODY + b" "),
+        ("another path", "POST", "/v1/completions", BODY),
+        ("another method", "PUT", PATH, BODY),
+    ]:
+        with pytest.raises(APIError, match="bad signature"):
+            verifier.verify_request(header, method=method, path=path, body=body)
+        assert why
+    assert verifier.verify_request(header, method="POST", path=PATH, body=BODY)[0] == "team-a"
+    with pytest.raises(APIError, match="replayed") as caught:
+        verifier.verify_request(header, method="POST", path=PATH, body=BODY)
+    assert caught.value.status_code == 401
+    second = signer.header("team-a", b"\x01" * 32, path=PATH, body=BODY)
+    assert second != header  # a fresh nonce per request
+    assert verifier.verify_request(second, method="POST", path=PATH, body=BODY)[0] == "team-a"
+    assert MAX_SKEW_S <= 30
+
+
+def test_a_resolver_takes_only_headers_its_guard_verified() -> None:
     signer = TrustedGateway(gateway_key("a-long-enough-shared-key"))
-    header = signer.header("team-a", b"\x01" * 32)
+    header = signer.header("team-a", b"\x01" * 32, path=PATH, body=BODY)
     plain = TenantResolver(b"s" * 32)
     with pytest.raises(APIError, match="trusts no gateway"):
         plain.resolve_headers({"x-kvfactory-tenant": header})
     trusting = TenantResolver(b"s" * 32, trusted=signer)
-    tenant = trusting.resolve_headers({"x-kvfactory-tenant": header})
+    with pytest.raises(APIError, match="malformed"):  # the wire form skipped the guard
+        trusting.resolve_headers({"x-kvfactory-tenant": header})
+    forged = f"tenant=team-a;salt={'01' * 32};local={'0' * 64}"
+    with pytest.raises(APIError, match="not verified"):
+        trusting.resolve_headers({"x-kvfactory-tenant": forged})
+    tenant = trusting.resolve_headers({"x-kvfactory-tenant": signer.vouch("team-a", b"\x01" * 32)})
     assert (tenant.name, tenant.salt) == ("team-a", b"\x01" * 32)
     assert trusting.resolve_headers({}).salt == trusting.salt_for("default")
+
+
+def test_the_guard_checks_the_header_against_the_request_it_came_with() -> None:
+    key = gateway_key("a-long-enough-shared-key")
+    signer, trusted = TrustedGateway(key), TrustedGateway(key)
+    resolver = TenantResolver(b"s" * 32, trusted=trusted)
+    inner = Starlette(routes=[Route("/v1/chat/completions", _whoami(resolver), methods=["POST"])])
+    guarded = TestClient(TrustedHeaderGuard(inner, trusted))
+    header = signer.header("team-a", b"\x02" * 32, path=PATH, body=BODY)
+    sent = {"content": BODY, "headers": {TENANT_HEADER: header}}
+    first = guarded.post(PATH, **sent)  # type: ignore[arg-type]
+    assert first.status_code == 200 and first.json() == {"tenant": "team-a", "body": BODY.decode()}
+    replayed = guarded.post(PATH, **sent)  # type: ignore[arg-type]
+    assert replayed.status_code == 401 and "replayed" in replayed.text
+    fresh = signer.header("team-a", b"\x02" * 32, path=PATH, body=BODY)
+    swapped = guarded.post(PATH, content=b'{"other":1}', headers={TENANT_HEADER: fresh})
+    assert swapped.status_code == 401 and "bad signature" in swapped.text
+    assert guarded.post(PATH, content=BODY).json()["tenant"] == "default"  # no header: as sent
 
 
 def test_isolation_per_backend_kind() -> None:
     env = {"GW_KEY": "a-long-enough-shared-key"}
     salt = b"\xab" * 32
     vllm = isolation_for(BackendConfig(url="http://x", kind="vllm"), env)
-    assert vllm.cache_salt(salt) == salt.hex() and vllm.headers("t", salt) is None
+    assert vllm.cache_salt(salt) == salt.hex()
+    assert vllm.headers("t", salt, path=PATH, body=BODY) is None
     hosted = isolation_for(BackendConfig(url="http://x"), env)
-    assert hosted.cache_salt(salt) is None and hosted.headers("t", salt) is None
+    assert hosted.cache_salt(salt) is None
+    assert hosted.headers("t", salt, path=PATH, body=BODY) is None
     kvf = BackendConfig(url="http://x", kind="kvfactory", gateway_key_env="GW_KEY")
-    headers = isolation_for(kvf, env).headers("t", salt)
+    headers = isolation_for(kvf, env).headers("t", salt, path=PATH, body=BODY)
     assert headers is not None
     verifier = TrustedGateway(gateway_key(env["GW_KEY"]))
-    assert verifier.verify(headers["X-KVFactory-Tenant"]) == ("t", salt)
+    signed = headers["X-KVFactory-Tenant"]
+    assert verifier.verify_request(signed, method="POST", path=PATH, body=BODY) == ("t", salt)
     with pytest.raises(ConfigError, match="GW_KEY"):
         Backends.from_config(config(a=kvf.model_dump()), clock=Clock(), env={})
 
@@ -340,3 +422,55 @@ def test_the_gateway_cli_reports_bad_config_in_one_line(
     assert len(lines) == 3
     assert "routes.m: unknown backend 'nope'" in lines[0]
     assert "--config FILE is required" in lines[2]
+
+
+# -- issue 23: failures classified, hostile requests, per-tenant digests ---------------------
+
+
+class _Named:
+    name = "b"
+
+
+def test_failures_say_whose_fault_they_are() -> None:
+    def blame(status: int) -> Blame | None:
+        failure = Failure.from_status(_Named(), status, {}, b"boom")
+        return None if failure is None else failure.blame
+
+    assert blame(400) is None and blame(404) is None and blame(422) is None  # the client's
+    assert blame(429) is Blame.BUSY
+    assert blame(502) is blame(503) is blame(504) is Blame.BACKEND
+    assert blame(500) is Blame.AMBIGUOUS and blame(501) is Blame.AMBIGUOUS
+    assert Failure.upstream_error(_Named(), {"message": "x"}).blame is Blame.AMBIGUOUS
+    busy = Failure.from_status(_Named(), 429, {}, b"")
+    assert busy is not None and not busy.counts_against_backend
+
+
+def test_one_source_alone_cannot_open_a_circuit() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(10):
+        assert not breaker.record_failure("team-b")
+    assert breaker.state is CircuitState.CLOSED and breaker.consecutive_failures == 2
+    assert breaker.record_failure("team-a")  # a second tenant sees it too: a real fault
+    assert str(breaker.state) == "open"
+    breaker.record_success()
+    assert not breaker.record_failure("team-b") and not breaker.record_failure("team-b")
+    assert breaker.record_failure()  # no source (a connect error): counts in full
+
+
+def test_hostile_values_are_recognised_and_prompts_are_not() -> None:
+    assert suspicion({"seed": 2**64}) == "seed is outside the 64-bit integer range"
+    assert suspicion({"seed": -(2**63)}) is None and suspicion({"seed": 2**63 - 1}) is None
+    assert suspicion({"logit_bias": {"5": float("nan")}}) == "logit_bias.5 is not a finite number"
+    assert suspicion({"messages": [{"content": "seed 2**64 NaN"}], "n": 1, "x": True}) is None
+    assert "temperature" in (suspicion({"temperature": float("inf")}) or "")
+
+
+def test_prefix_digests_have_a_root_per_tenant() -> None:
+    text = "x" * 64
+    a = prefix_digests("m", text, 32, namespace=b"a" * 32)
+    b = prefix_digests("m", text, 32, namespace=b"b" * 32)
+    assert len(a) == len(b) == 2 and not set(a) & set(b)
+    index = PrefixIndex(100)
+    index.remember(a, "warm", cached_tokens=8)
+    assert index.affinity(a) == {"warm": 1.0} and index.affinity(b) == {}

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 KEYS = {"team-a": "sk-iso-team-a", "team-b": "sk-iso-team-b"}
+ADMIN_KEY = "sk-iso-admin"
 CANARY_PROMPT = "Name one primary colour."
 DOCUMENT = " ".join(f"Record {i}: the lighthouse logs ship {i * 11}." for i in range(60))
 
@@ -55,7 +56,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         with running_server(flags, log=workdir / "server.log", env=env,
                             startup_timeout_s=300, stop_timeout_s=60) as server:  # fmt: skip
+            admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
             config = f"""
+[gateway]
+admin_key_sha256 = "{admin}"
+
 [canary]
 interval_s = 3600
 prompts = ["{CANARY_PROMPT}"]
@@ -92,7 +97,9 @@ backends = ["dead", "inproc"]
 strategy = "health"
 """
             gw_dir = tmp_path_factory.mktemp("gateway")
-            with running_gateway(gw_dir, config, startup_timeout_s=300) as gateway:
+            with running_gateway(
+                gw_dir, config, startup_timeout_s=300, admin_key=ADMIN_KEY
+            ) as gateway:
                 yield Stack(server, gateway)
     except ServerStartError as exc:
         pytest.fail(str(exc))
@@ -152,13 +159,13 @@ def test_in_process_engine_answers_like_the_server_after_a_fallback(stack: Stack
     streamed, usage = _stream(through, "smol-in", question)
     expected, direct_usage = _stream(client(stack.server + "/v1"), MODEL, question)
 
-    assert raw.headers["x-kvfactory-backend"] == "inproc"  # after the dead one failed
+    assert "x-kvfactory-backend" not in raw.headers  # tenants are not told (issue 23)
     whole = raw.parse()
     assert expected and whole.choices[0].message.content == expected
     assert streamed == expected and whole.model == "smol-in"
     assert usage is not None and direct_usage is not None
     assert usage.completion_tokens == direct_usage.completion_tokens
-    fallbacks = stack.gateway.incidents_of("fallback", backend="inproc")
+    fallbacks = stack.gateway.incidents_of("fallback", backend="inproc")  # after the dead one
     assert fallbacks and fallbacks[0]["details"]["failures"][0]["reason"] == "connect_error"
     snapshot = stack.gateway.backend("inproc")
     assert snapshot["kind"] == "engine" and snapshot["model"] == MODEL
@@ -166,7 +173,7 @@ def test_in_process_engine_answers_like_the_server_after_a_fallback(stack: Stack
 
 def test_a_client_leaving_mid_stream_aborts_the_in_process_sequence(stack: Stack) -> None:
     def aborted() -> float:
-        metrics = httpx.get(stack.gateway.url + "/metrics", timeout=30).text
+        metrics = stack.gateway.metrics()
         prefix = f'kvfactory_requests_total{{model="{MODEL}",status="aborted"}} '
         lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
         return float(lines[0].split()[-1]) if lines else 0.0
@@ -199,7 +206,7 @@ def test_in_process_engine_isolates_tenants(stack: Stack) -> None:
 
 
 def test_in_process_engine_is_metered_and_canaried(stack: Stack) -> None:
-    metrics = httpx.get(stack.gateway.url + "/metrics", timeout=30).text
+    metrics = stack.gateway.metrics()
     assert 'kvfactory_gateway_backend_requests_total{backend="inproc"' in metrics
     ledger = stack.gateway.config.parent / "usage.jsonl"
     lines = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
@@ -235,7 +242,9 @@ def test_a_client_cannot_claim_a_tenant_at_the_backend(stack: Stack) -> None:
     wrong_key = TrustedGateway(gateway_key("not-the-gateways-key-at-all"))
     forged = {
         "made up": "tenant=team-a;salt=" + "00" * 32 + f";t={int(time.time())};sig=" + "0" * 64,
-        "wrong key": wrong_key.header("team-a", b"\x00" * 32),
+        "wrong key": wrong_key.header(
+            "team-a", b"\x00" * 32, path="/v1/chat/completions", body=b"{}"
+        ),
         "malformed": "team-a",
     }
     for why, value in forged.items():
@@ -246,3 +255,22 @@ def test_a_client_cannot_claim_a_tenant_at_the_backend(stack: Stack) -> None:
             )  # fmt: skip
         assert caught.value.status_code == 401, why
         assert "X-KVFactory-Tenant" in str(caught.value), why
+
+
+def test_an_overheard_tenant_header_cannot_be_replayed(stack: Stack) -> None:
+    """Issue 23: a signed header was good for 5 minutes on any request. Now the server takes
+    it once, for the body and path it was signed for."""
+    signer = TrustedGateway(gateway_key(GATEWAY_KEY))  # as the gateway would sign
+    body = json.dumps({"model": MODEL, "messages": ask("Say hi."), "max_tokens": 2}).encode()
+    path = "/v1/chat/completions"
+    header = {TENANT_HEADER: signer.header("team-a", b"\x07" * 32, path=path, body=body),
+              "Content-Type": "application/json"}  # fmt: skip
+    first = httpx.post(stack.server + path, content=body, headers=header, timeout=300)
+    assert first.status_code == 200, first.text
+    again = httpx.post(stack.server + path, content=body, headers=header, timeout=300)
+    assert again.status_code == 401 and "replayed" in again.text
+    other = json.dumps({"model": MODEL, "messages": ask("Say bye."), "max_tokens": 2}).encode()
+    fresh = {**header, TENANT_HEADER: signer.header("team-a", b"\x07" * 32, path=path,
+                                                    body=body)}  # fmt: skip
+    swapped = httpx.post(stack.server + path, content=other, headers=fresh, timeout=300)
+    assert swapped.status_code == 401 and "bad signature" in swapped.text

@@ -16,6 +16,7 @@ import pytest
 from factory_procs import Gateway, Upstream, running_gateway, upstreams
 
 KEYS = {"team-a": "sk-team-a-secret", "team-b": "sk-team-b-secret"}
+ADMIN_KEY = "sk-ledger-admin"
 PRICE = {"input": 2.0, "cached": 0.5, "output": 4.0}
 
 
@@ -30,7 +31,11 @@ def gateway(
     ups: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     digest = {t: hashlib.sha256(k.encode()).hexdigest() for t, k in KEYS.items()}
+    admin = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
     config = f"""
+[gateway]
+admin_key_sha256 = "{admin}"
+
 [canary]
 enabled = false
 
@@ -50,7 +55,7 @@ models = {{ m = "up-m" }}
 price = {{ input = {PRICE["input"]}, cached = {PRICE["cached"]}, output = {PRICE["output"]} }}
 power_watts = 200
 """
-    with running_gateway(tmp_path_factory.mktemp("gateway"), config) as gw:
+    with running_gateway(tmp_path_factory.mktemp("gateway"), config, admin_key=ADMIN_KEY) as gw:
         yield gw
 
 
@@ -120,5 +125,6 @@ def test_served_requests_are_priced_in_the_ledger(gateway: Gateway) -> None:
         assert record["energy_j"] > 0
     # the stream's usage, which the gateway asked the upstream for on its own
     assert [r["completion_tokens"] for r in mine].count(4) == 1
-    metrics = httpx.get(gateway.url + "/metrics").text
+    assert httpx.get(gateway.url + "/metrics").status_code == 401  # issue 23: admin only
+    metrics = gateway.metrics()
     assert 'kvfactory_cost_usd_total{backend="u",tenant="team-b"}' in metrics

@@ -13,6 +13,10 @@ Faults are set per upstream model (or ``"*"``) through ``POST /control``::
      "status": 500, "delay_s": 2.0, "suffix": " drifted", "logprob_shift": 1.0,
      "fail_next": 0, "retry_after": 3, "after_words": 2}
 
+Client-triggered 500s, as real backends have them: a top-level integer such as ``seed``
+or ``top_k`` outside the signed 64-bit range (an overflowing sampler), or a prompt
+containing ``boom-500``.
+
 ``fail_next > 0`` applies the mode to that many requests only, then behaves. ``GET
 /control/stats`` counts requests per model; ``GET /control/last?model=m`` returns the last
 request body and headers received for that model; ``POST /control/reset`` clears
@@ -35,6 +39,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 CHUNK_CHARS = 32
+BOOM = "boom-500"
+"""A prompt containing this gets an HTTP 500 (a request-triggered bug)."""
 
 
 class State:
@@ -94,6 +100,13 @@ def create_app(state: State) -> FastAPI:
             await asyncio.sleep(3600)
         if mode == "slow":
             await asyncio.sleep(float(fault.get("delay_s", 1.0)))
+        huge = [k for k, v in body.items() if isinstance(v, int) and not -(2**63) <= v < 2**63]
+        if huge:  # the sampler overflows
+            error = {"error": {"message": f"OverflowError: {huge[0]}", "type": "server_error"}}
+            return JSONResponse(error, status_code=500)
+        if BOOM in _prompt_of(body):  # a request that breaks it, as the gateway cannot tell
+            error = {"error": {"message": "crashed on this prompt", "type": "server_error"}}
+            return JSONResponse(error, status_code=500)
         if mode == "error":
             status = int(fault.get("status", 500))
             headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}

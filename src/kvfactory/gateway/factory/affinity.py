@@ -1,13 +1,17 @@
 """Where a prompt's prefix probably lives: chained chunk digests -> the backend that served them.
 
 A prompt's text is cut into fixed-size chunks; the digest of chunk *i* is
-``blake3(domain + digest[i-1] + chunk_i)`` rooted at the public model name, the same chaining
+``blake3(domain + digest[i-1] + chunk_i)`` rooted at the tenant's namespace (its isolation
+salt) and the public model name, the same chaining
 as the context store's block keys (``store.keys``), so digest *i* names chunk *i* and its
 whole prefix. Only full chunks get digests. The gateway never tokenises (it fronts remote
 backends with different tokenizers), so chunks are characters, not tokens: what matters is
 that equal prefixes give equal digests. ``PrefixIndex`` remembers, in a bounded LRU, which
 backend last served each digest and whether that backend reported cached tokens for it
-(``usage.prompt_tokens_details.cached_tokens``). It knows nothing about load or health.
+(``usage.prompt_tokens_details.cached_tokens``). Because every tenant's digests have their
+own root, the table is in effect one per tenant: a tenant guessing another's prompt
+matches nothing and is routed exactly like any cold prompt (the KV affinity side channel
+of a shared table). It knows nothing about load or health.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ UNCONFIRMED_WEIGHT = 0.5
 stored there; it counts half as much as one with reported cached tokens."""
 
 
-def prefix_digests(model: str, text: str, chunk_chars: int) -> tuple[bytes, ...]:
-    """Chained digests of the full ``chunk_chars`` chunks of ``text`` under ``model``."""
+def prefix_digests(
+    model: str, text: str, chunk_chars: int, *, namespace: bytes = b""
+) -> tuple[bytes, ...]:
+    """Chained digests of the full ``chunk_chars`` chunks of ``text`` under ``model``,
+    rooted at ``namespace`` (the tenant's isolation salt: one tenant's prompts never match
+    another's entries, so where a prefix lives cannot be probed across tenants)."""
     data = text.encode("utf-8", errors="surrogatepass")
     chunk_bytes = chunk_chars  # bytes, so multi-byte text cannot split differently
-    parent = blake3.blake3(DOMAIN + model.encode()).digest()
+    root = len(namespace).to_bytes(4, "big") + namespace + model.encode()
+    parent = blake3.blake3(DOMAIN + root).digest()
     digests = []
     for start in range(0, len(data) - chunk_bytes + 1, chunk_bytes):
         parent = blake3.blake3(DOMAIN + parent + data[start : start + chunk_bytes]).digest()

@@ -3,7 +3,8 @@
 ``create_factory_app(config)`` serves ``/v1/chat/completions`` and ``/v1/completions``
 (streaming relayed as it arrives; see ``service``), ``/v1/models`` (the routes' public
 names), ``/v1/incidents?kind=&limit=``, ``/v1/backends``, ``/healthz`` and ``/metrics``,
-with errors in OpenAI's shape. Backends may be in-process engines (``inprocess``), started
+with errors in OpenAI's shape. Once any key is configured the operational ones need the
+admin key and ``/healthz`` says only healthy or not to anyone else (``admin``). Backends may be in-process engines (``inprocess``), started
 by its lifespan. It is a plain Starlette app (no dependency injection or
 response models anywhere); POSTs to the two generation paths are answered by
 ``hotpath.HotPath`` before routing. Its lifespan runs the canaries and closes the clients
@@ -31,6 +32,7 @@ from starlette.routing import Route
 from kvfactory.errors import KVFactoryError
 from kvfactory.gateway.app import RequestIdMiddleware
 from kvfactory.gateway.errors import APIError, invalid_request, to_api_error
+from kvfactory.gateway.factory.admin import AdminAccess
 from kvfactory.gateway.factory.config import FactoryConfig
 from kvfactory.gateway.factory.dispatch import FinishSink
 from kvfactory.gateway.factory.health import Clock
@@ -68,8 +70,11 @@ def _query_float(request: Request, name: str) -> float | None:
         raise invalid_request(f"{name} must be a number, got {raw!r}.", param=name) from None
 
 
-def _routes(factory: Factory) -> list[Route]:
+def _routes(factory: Factory, access: AdminAccess) -> list[Route]:
     """Plain Starlette routes: no dependency injection or response models on any path."""
+
+    def authorization(request: Request) -> str | None:
+        return request.headers.get("authorization")
 
     # POSTs to these two are answered by ``hotpath.HotPath`` before Starlette sees them;
     # the routes stay so other methods get a 405.
@@ -85,20 +90,23 @@ def _routes(factory: Factory) -> list[Route]:
             await factory.serve(request.headers, raw, TEXT, request.scope.setdefault("state", {}))
         )
 
-    async def models(_request: Request) -> Response:
+    async def models(request: Request) -> Response:
+        access.role(authorization(request))  # a 401 without a key once keys exist
+        admin = access.sees_everything(authorization(request))
         cards = [
             {
                 "id": public,
                 "object": "model",
                 "created": factory.started_at,
                 "owned_by": "kvfactory",
-                "backends": route.backends,
+                **({"backends": route.backends} if admin else {}),
             }
             for public, route in factory.routes.items()
         ]
         return JSONResponse({"object": "list", "data": cards})
 
     async def incidents(request: Request) -> Response:
+        access.require_admin(authorization(request))
         kind = request.query_params.get("kind") or None
         body = await run_in_threadpool(
             factory.incidents_body,
@@ -109,14 +117,18 @@ def _routes(factory: Factory) -> list[Route]:
         )
         return JSONResponse(body)
 
-    async def backends(_request: Request) -> Response:
+    async def backends(request: Request) -> Response:
+        access.require_admin(authorization(request))
         return JSONResponse({name: b.snapshot() for name, b in factory.backends.items()})
 
-    async def healthz(_request: Request) -> Response:
+    async def healthz(request: Request) -> Response:
         body, healthy = factory.health_body()
+        if not access.sees_everything(authorization(request)):
+            body = {"status": body["status"]}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
-    async def metrics(_request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
+        access.require_admin(authorization(request))
         return Response(factory.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return [
@@ -212,7 +224,7 @@ def create_factory_app(
             yield
 
     app = Starlette(
-        routes=_routes(factory),
+        routes=_routes(factory, AdminAccess(config.gateway.admin_key_sha256, factory.tenants)),
         middleware=[Middleware(RequestIdMiddleware), Middleware(HotPath, factory=factory)],
         exception_handlers=_error_handlers(factory),
         lifespan=lifespan,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -53,6 +54,8 @@ class Backend:
         self.name = name
         self.config = config
         self.host = host
+        self.api_path = urlsplit(config.api_root).path.rstrip("/")
+        """The API root's URL path (``/v1``), which signed tenant headers name."""
         self.isolation: Isolation
         if host is not None:
             transport = host.transport

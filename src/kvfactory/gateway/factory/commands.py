@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +30,10 @@ from kvfactory.gateway.factory.backends import Backends
 from kvfactory.gateway.factory.canary import Canary, Check, Verdict
 from kvfactory.gateway.factory.config import FactoryConfig, load_config
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+
+ADMIN_KEY_ENV = "KVFACTORY_ADMIN_KEY"
+"""Where ``kvfactory incidents --url`` finds the gateway's admin key (never a flag: argv is
+visible to every user of the machine)."""
 
 if TYPE_CHECKING:
     from kvfactory.gateway.factory.inprocess import EngineOpener
@@ -151,6 +156,7 @@ def _read_incidents(
     db: str | None = None,
     tenant: str | None = None,
     since: float | None = None,
+    admin_key: str | None = None,
 ) -> list[dict[str, Any]]:
     if kind is not None and kind not in {k.value for k in IncidentKind}:
         known = ", ".join(k.value for k in IncidentKind)
@@ -167,7 +173,8 @@ def _read_incidents(
         params.update({"tenant": tenant} if tenant else {})
         params.update({"since": since} if since is not None else {})
         try:
-            response = httpx.get(f"{base}/v1/incidents", params=params, timeout=10)
+            headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+            response = httpx.get(f"{base}/v1/incidents", params=params, headers=headers, timeout=10)
             response.raise_for_status()
         except httpx.HTTPError as exc:
             raise ConfigError(f"--url {url}: {exc}") from exc
@@ -275,6 +282,10 @@ def register(app: typer.Typer, *, open_engine: EngineOpener | None = None) -> No
         ] = None,
         limit: Annotated[int, typer.Option(min=1, help="The most recent N.")] = 50,
         as_json: Annotated[bool, typer.Option("--json", help="JSON lines, not a table.")] = False,
+        admin_key_env: Annotated[
+            str,
+            typer.Option(help="--url: env var with the gateway's admin key, if it has keys."),
+        ] = ADMIN_KEY_ENV,
     ) -> None:
         """The incident log: a JSONL file, a database, a running gateway, the factory
         config's log, or (given none of these) ``kvfactory serve``'s."""
@@ -289,7 +300,14 @@ def register(app: typer.Typer, *, open_engine: EngineOpener | None = None) -> No
                 db, file = settings.resolved_incidents_url, settings.incidents_file
         after = parse_since(since, now=time.time()) if since is not None else None
         items = _read_incidents(
-            None if db else file, url, kind, limit, db=db, tenant=tenant, since=after
+            None if db else file,
+            url,
+            kind,
+            limit,
+            db=db,
+            tenant=tenant,
+            since=after,
+            admin_key=os.environ.get(admin_key_env),
         )
         if as_json:
             for item in items:

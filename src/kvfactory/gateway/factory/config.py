@@ -7,7 +7,8 @@ config file's folder (an engine backend's ``model`` folder and store paths too; 
 ``engine`` table is kept raw for whoever builds the engine). With ``[tenants]`` every
 ``kind = "kvfactory"`` backend needs ``gateway_key_env``, so each tenant's salt reaches it.
 ``[tenants.*]``, ``[admission]`` and ``[priority.*]`` are kept raw and validated by
-``gateway.tenant_config``, which owns their schema. This module knows nothing about HTTP,
+``gateway.tenant_config``, which owns their schema. ``[gateway] admin_key_sha256`` holds
+the admin key's digest(s) (``admin``). This module knows nothing about HTTP,
 routing decisions or clocks.
 """
 
@@ -18,7 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.tenant_config import TenancyConfig, parse_tenancy
@@ -152,6 +160,28 @@ class GatewaySettings(_Frozen):
     affinity_chunk_chars: int = Field(default=1024, ge=16, description="text per prefix chunk")
     affinity_entries: int = Field(default=100_000, ge=1, description="remembered chunk hashes")
     log_level: str = "warning"
+    admin_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="sha256 hex of the admin key (a list for rotation; kvfactory tenants "
+        "hash-key prints one): /metrics, /v1/incidents, /v1/backends need it once keys exist",
+    )
+
+    @field_validator("admin_key_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _hex_digests(cls, value: list[str]) -> list[str]:
+        for digest in value:
+            text = digest.strip().lower()
+            if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+                # Never echo the value: a plaintext key pasted by mistake must not be logged.
+                raise ValueError(
+                    f"must be 64 hex digits (sha256 of the key), got {len(text)} characters"
+                )
+        return value
 
 
 class FactoryConfig(_Frozen):

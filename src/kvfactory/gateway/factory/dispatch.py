@@ -10,7 +10,11 @@ event and ``[DONE]``. When the chain is exhausted and the route configures a deg
 Every request that fell back leaves one ``fallback`` incident; a circuit that opens leaves
 one ``backend_down``, and so does a stream that fails after output began (details
 ``mid_stream: true`` and ``tokens_sent``, the output events relayed before it broke).
-Each attempt carries the tenant's isolation the way its backend takes it (``isolation``):
+What a failure counts for follows ``failures``' rule: backend faults count against its
+circuit; an ambiguous one (a 500) counts with the tenant as its source, capped per tenant
+when the gateway has tenants; a client's 4xx counts for nothing either way, and a request
+``hostile`` found suspicious is never counted, logged or retried elsewhere (its client
+gets a 400). Each attempt carries the tenant's isolation the way its backend takes it (``isolation``):
 a client's ``cache_salt`` never leaves, vLLM gets the gateway's, kvfactory backends a
 signed header. Finished requests are reported to ``FinishSink`` callbacks (metrics,
 economics). This module does not parse client requests or know HTTP routes.
@@ -29,7 +33,14 @@ import httpx
 
 from kvfactory.gateway.factory.backends import Backend, Backends
 from kvfactory.gateway.factory.config import DEFAULT_STRATEGY, RouteConfig
-from kvfactory.gateway.factory.failures import Failed, Failure, classify_exception, exhausted
+from kvfactory.gateway.factory.failures import (
+    Blame,
+    Failed,
+    Failure,
+    classify_exception,
+    exhausted,
+    rejected_as_hostile,
+)
 from kvfactory.gateway.factory.isolation import CACHE_SALT_FIELD
 from kvfactory.gateway.factory.relay import (
     EventInfo,
@@ -60,6 +71,8 @@ class Call:
     route: RouteRequest
     tenant_salt: bytes = b""
     """Derived by the gateway for ``tenant``; never the client's."""
+    suspect: str | None = None
+    """Why the gateway finds this request hostile (``hostile.suspicion``), if it does."""
     arrived: float = field(default_factory=time.perf_counter)
     on_finish: FinishSink | None = None
     """Called once with the request's accounting (admission settles its ticket here)."""
@@ -139,7 +152,11 @@ class Dispatcher:
         incidents: IncidentLog,
         sinks: Sequence[FinishSink] = (),
         default_strategy: str = DEFAULT_STRATEGY,
+        cap_per_tenant: bool = False,
     ):
+        """``cap_per_tenant``: ambiguous failures (500s) count per tenant, capped, so one
+        tenant cannot open a circuit for the others (on when tenants are configured)."""
+        self.cap_per_tenant = cap_per_tenant
         self.backends = backends
         self.routes = routes
         self.router = router
@@ -200,6 +217,9 @@ class Dispatcher:
             try:
                 served = await self._attempt(backend, call, cap, degraded)
             except Failed as failed:
+                if call.suspect is not None:  # the request's fault: no count, no fallback
+                    backend.health.breaker.release()
+                    raise rejected_as_hostile(call.model, failed.failure, call.suspect) from None
                 self._on_failure(backend, failed.failure, call)
                 failures.append(failed.failure)
                 continue
@@ -240,7 +260,9 @@ class Dispatcher:
         backend.begin(tokens)
         try:
             try:
-                headers = backend.isolation.headers(call.tenant, call.tenant_salt)
+                headers = backend.isolation.headers(
+                    call.tenant, call.tenant_salt, path=backend.api_path + call.path, body=content
+                )
                 response = await backend.transport.send(
                     call.path, content, stream=call.stream, headers=headers
                 )
@@ -266,8 +288,8 @@ class Dispatcher:
         failure = Failure.from_status(backend, response.status_code, response.headers, body)
         if failure is not None:
             raise Failed(failure)
-        self._on_success(backend)
         if response.status_code != 200:  # the client's fault: pass the upstream's answer on
+            backend.health.breaker.release()  # says nothing about the backend's health
             report = self._finish(job, None, first=None, last=None, outputs=0, ok=False)
             return Served(
                 backend, response.status_code, content=body, degraded=job.degraded, after=report
@@ -276,6 +298,7 @@ class Dispatcher:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise Failed(Failure.bad_body(backend, exc)) from exc
+        self._on_success(backend)
         if rewrite.public_model != rewrite.upstream_model and isinstance(payload, dict):
             payload["model"] = rewrite.public_model
             body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -373,9 +396,15 @@ class Dispatcher:
         """Count ``failure`` against the backend; ``mid_stream``: the output events already
         relayed when a committed stream broke (that is a ``backend_down`` incident too)."""
         breaker = backend.health.breaker
+        if call.suspect is not None:  # a hostile request's failure is its own, not news
+            breaker.release()
+            return
+        source = None
+        if self.cap_per_tenant and failure.blame is Blame.AMBIGUOUS:
+            source = call.tenant
         if not failure.counts_against_backend:
             breaker.release()
-        elif breaker.record_failure():
+        elif breaker.record_failure(source):
             self.incidents.record(
                 Incident(
                     kind=IncidentKind.BACKEND_DOWN,

@@ -2,11 +2,26 @@
 
 A ``Failure`` is a value: which backend, a short machine-readable ``reason`` (``timeout``,
 ``connect_error``, ``http_500``, ``http_429``, ``circuit_open``, ...), a human detail, and
-two decisions: whether the request may move on to another backend (every failure here may,
-as long as nothing was sent to the client) and whether it counts against the backend's
-circuit breaker (a 429 means "busy", not "broken", so it does not). ``exhausted`` turns
-the failures of a whole chain into one OpenAI-shaped error: 429 with ``Retry-After`` when
-every backend was merely busy, else 503. This module does not retry or record anything.
+whose fault it is (``Blame``), which decides what it counts for. The rule:
+
+- ``BACKEND``: the backend or the way to it is broken whatever was asked: connect errors,
+  timeouts, transport errors, 502/503/504, a truncated stream, an unparsable body. These
+  count against the backend's circuit breaker.
+- ``AMBIGUOUS``: the backend answered but failed the request: HTTP 500 (and other 5xx) or
+  an error event in a stream. Normally the backend's fault, but a client can provoke one on
+  purpose (a value that overflows a sampler), so it counts with the tenant as its source:
+  one tenant's ambiguous failures count at most ``threshold - 1`` times in a row of
+  failures (``health.CircuitBreaker``), so it takes failures from two tenants, or a real
+  outage, to open a circuit. A gateway without tenant keys has one tenant and no cap.
+- ``BUSY``: a 429 means "busy", not "broken": never counted.
+- A 4xx other than 429 is the client's answer (``from_status`` returns ``None``): it is
+  passed on and counts neither way. A request the gateway itself finds hostile
+  (``hostile.suspicion``) is never counted at all and never falls back (``suspect``).
+
+Every failure may move the request on to another backend as long as nothing was sent to
+the client. ``exhausted`` turns the failures of a whole chain into one OpenAI-shaped error:
+429 with ``Retry-After`` when every backend was merely busy, else 503. This module does not
+retry or record anything.
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -21,6 +37,16 @@ import httpx
 from kvfactory.gateway.errors import DEFAULT_RETRY_AFTER_S, APIError
 
 _BODY_EXCERPT = 200
+
+
+_BACKEND_STATUSES = frozenset({502, 503, 504})
+"""Gateway/proxy answers that say the backend is unreachable or down, whatever was asked."""
+
+
+class Blame(StrEnum):
+    BACKEND = "backend"
+    AMBIGUOUS = "ambiguous"
+    BUSY = "busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +58,11 @@ class Failure:
     retry_after_s: float | None = None
     attempted: bool = True
     """False when the backend was skipped without sending (its circuit is open)."""
+    blame: Blame = Blame.BACKEND
 
     @property
     def counts_against_backend(self) -> bool:
-        return self.attempted and self.status != 429
+        return self.attempted and self.blame is not Blame.BUSY
 
     @property
     def brief(self) -> dict[str, Any]:
@@ -53,12 +80,19 @@ class Failure:
         if status < 500 and status != 429:
             return None
         excerpt = body[:_BODY_EXCERPT].decode("utf-8", errors="replace")
+        if status == 429:
+            blame = Blame.BUSY
+        elif status in _BACKEND_STATUSES:
+            blame = Blame.BACKEND
+        else:
+            blame = Blame.AMBIGUOUS
         return cls(
             backend.name,
             f"http_{status}",
             f"HTTP {status}: {excerpt}",
             status=status,
             retry_after_s=_retry_after(headers.get("retry-after")),
+            blame=blame,
         )
 
     @classmethod
@@ -73,7 +107,8 @@ class Failure:
     @classmethod
     def upstream_error(cls, backend: Any, error: Mapping[str, Any]) -> Failure:
         message = str(error.get("message", error))[:_BODY_EXCERPT]
-        return cls(backend.name, "upstream_error", f"error event: {message}")
+        return cls(backend.name, "upstream_error", f"error event: {message}",
+                   blame=Blame.AMBIGUOUS)  # fmt: skip
 
     def client_error(self, model: str) -> APIError:
         """The error event a stream ends with when this happened after output began."""
@@ -84,6 +119,17 @@ class Failure:
             type="server_error",
             code="backend_stream_failed",
         )
+
+
+def rejected_as_hostile(model: str, failure: Failure, suspicion: str) -> APIError:
+    """The client's answer when a request the gateway found hostile failed on a backend:
+    a 400 naming the suspicious value (the failure is the request's, not the backend's)."""
+    return APIError(
+        400,
+        f"The request to '{model}' could not be served ({suspicion}; the backend answered "
+        f"{failure.reason}). Fix the request; it was not retried elsewhere.",
+        code="request_rejected_by_backend",
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -129,7 +175,7 @@ def exhausted(model: str, failures: Sequence[Failure]) -> APIError:
     )
 
 
-__all__ = ["Failed", "Failure", "classify_exception", "exhausted"]
+__all__ = ["Blame", "Failed", "Failure", "classify_exception", "exhausted", "rejected_as_hostile"]
 
 
 class Failed(Exception):

@@ -4,7 +4,10 @@
 after ``threshold`` consecutive failures (requests are refused without touching the
 backend) -> *half-open* once ``cooldown_s`` has passed, letting exactly one probe through
 -> *closed* again when the probe succeeds, *open* (a fresh cooldown) when it fails. The
-clock is injected so tests and the gateway share one notion of time. ``Health`` adds the
+clock is injected so tests and the gateway share one notion of time. A failure may name its
+*source* (the tenant whose request got an ambiguous answer, such as an HTTP 500): one
+source counts at most ``threshold - 1`` times in a run of consecutive failures, so no single
+tenant can open a circuit for everyone with requests that make the backend fail. ``Health`` adds the
 canary's "degraded" mark, which does not refuse requests but makes the router prefer others.
 This module does not send requests or record incidents; callers act on the transitions it
 returns.
@@ -38,6 +41,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._by_source: dict[str, int] = {}
+        """Failures per source in the current run (cleared by a success)."""
 
     @property
     def state(self) -> CircuitState:
@@ -76,12 +81,22 @@ class CircuitBreaker:
         """Returns True when this success closed an open circuit."""
         was_open = self._opened_at is not None
         self._failures = 0
+        self._by_source.clear()
         self._opened_at = None
         self._probing = False
         return was_open
 
-    def record_failure(self) -> bool:
-        """Returns True when this failure opened the circuit (not when a probe re-opens it)."""
+    def record_failure(self, source: str | None = None) -> bool:
+        """Returns True when this failure opened the circuit (not when a probe re-opens it).
+
+        ``source``: who caused it, when that may be the request rather than the backend;
+        past its share (``threshold - 1`` per run) it is not counted, only the probe freed."""
+        if source is not None:
+            seen = self._by_source.get(source, 0)
+            if seen >= self.threshold - 1:
+                self._probing = False
+                return False
+            self._by_source[source] = seen + 1
         self._failures += 1
         if self._opened_at is not None:  # a failed half-open probe: a fresh cooldown
             self._opened_at = self._clock()

@@ -19,6 +19,7 @@ from kvfactory.gateway.factory.service import (
     DEGRADED_HEADER,
     TEXT,
     Factory,
+    degraded_value,
     served_response,
 )
 
@@ -58,16 +59,19 @@ class HotPath:
         except Exception as exc:
             await self.factory.error_response(exc, scope["path"])(scope, receive, send)
             return
+        expose = self.factory.expose_backends
         if served.stream is not None:
-            await served_response(served)(scope, receive, send)
+            await served_response(served, expose_backends=expose)(scope, receive, send)
             return
         response_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(served.content)).encode()),
-            (_BACKEND, served.backend.name.encode()),
         ]
-        if served.degraded is not None:
-            response_headers.append((_DEGRADED, served.degraded.encode("latin-1", "replace")))
+        if expose:
+            response_headers.append((_BACKEND, served.backend.name.encode()))
+        degraded = degraded_value(served, expose_backends=expose)
+        if degraded is not None:
+            response_headers.append((_DEGRADED, degraded.encode("latin-1", "replace")))
         await send(
             {"type": "http.response.start", "status": served.status_code,
              "headers": response_headers}

@@ -31,7 +31,7 @@ from kvfactory.errors import ConfigError
 from kvfactory.gateway.factory.config import BackendConfig
 from kvfactory.gateway.factory.isolation import Isolation
 from kvfactory.gateway.tenancy import TenantResolver
-from kvfactory.gateway.trusted import TrustedGateway
+from kvfactory.gateway.trusted import TrustedGateway, TrustedHeaderGuard
 from kvfactory.telemetry.incidents import IncidentLog
 from kvfactory.telemetry.metrics import Metrics
 
@@ -205,7 +205,8 @@ class InProcessEngine:
         self.app = create_app([hosted.engine], metrics=metrics, incidents=incidents,
                               tenants=tenants)  # fmt: skip
         self.isolation = Isolation(signer=signer)
-        self.transport = AsgiStreamTransport(self.app)
+        # The guard checks each signed header against its request, as `kvfactory serve` does.
+        self.transport = AsgiStreamTransport(TrustedHeaderGuard(self.app, signer))
         self._started = False
         self._closed = False
 

@@ -7,8 +7,9 @@ Per backend kind, from a registry:
 - ``vllm``: the salt (hex) becomes the request body's ``cache_salt``, which isolates vLLM's
   prefix cache and kvfactory's connector namespace (``engines.vllm_kv.identity``).
 - ``kvfactory`` (a ``kvfactory serve``) and ``engine`` (in process): a signed
-  ``X-KVFactory-Tenant`` header (``gateway.trusted``) with the tenant and salt, which the
-  backend accepts only with the shared key (``gateway_key_env`` here, ``--trusted-gateway-
+  ``X-KVFactory-Tenant`` header (``gateway.trusted``) with the tenant and salt, bound to
+  that one request (nonce, path, body digest, 30 s), which the backend accepts only with
+  the shared key (``gateway_key_env`` here, ``--trusted-gateway-
   key-env`` there). Without a key a kvfactory backend sees one tenant (the config refuses
   that when tenants are configured).
 - ``openai``: nothing; a salt never goes to a third party.
@@ -42,11 +43,12 @@ class Isolation:
             return None
         return salt.hex()[:MAX_CACHE_SALT_CHARS]
 
-    def headers(self, tenant: str, salt: bytes) -> dict[str, str] | None:
-        """Extra request headers for this backend (``None``: none)."""
+    def headers(self, tenant: str, salt: bytes, *, path: str, body: bytes) -> dict[str, str] | None:
+        """Extra headers for one POST of ``body`` to ``path`` (the URL path the backend
+        sees) on this backend (``None``: none); a signed header is bound to that request."""
         if self.signer is None:
             return None
-        return {TENANT_HEADER: self.signer.header(tenant, salt)}
+        return {TENANT_HEADER: self.signer.header(tenant, salt, path=path, body=body)}
 
 
 NONE = Isolation()

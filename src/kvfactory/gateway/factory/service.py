@@ -6,9 +6,13 @@ the body is validated with the engine server's own schemas (types only: knobs su
 ``logprobs`` or ``tools`` pass through to backends that support them), the tenant resolved
 from the API key (its isolation salt derived here; a client's ``cache_salt`` is never
 forwarded), the request admitted (quota, priority) and handed to the ``Dispatcher``;
-its ticket is settled with the tokens really used. ``served_response`` turns the result into
-a response carrying ``X-KVFactory-Backend`` and, when a configured degradation served it,
-``X-KVFactory-Degraded``. Nothing here is shared across replicas, so several gateways can
+its ticket is settled with the tokens really used. Prefix digests are rooted at the
+tenant's salt (``affinity``), and the request is checked for hostile values
+(``hostile``). ``served_response`` turns the result into a response carrying, when a
+configured degradation served it, ``X-KVFactory-Degraded``, and ``X-KVFactory-Backend``
+only on a gateway without tenant keys: with tenants, which backend served is not told
+(with a shared cache it says where another tenant's prefix lives), and the degradation
+header names no backends. Nothing here is shared across replicas, so several gateways can
 run behind one load balancer. This module knows no HTTP routing.
 """
 
@@ -36,6 +40,7 @@ from kvfactory.gateway.factory.canary import Canary
 from kvfactory.gateway.factory.config import FactoryConfig, RouteConfig
 from kvfactory.gateway.factory.dispatch import Call, Dispatcher, Finished, FinishSink, Served
 from kvfactory.gateway.factory.health import Clock
+from kvfactory.gateway.factory.hostile import suspicion
 from kvfactory.gateway.factory.inprocess import EngineOpener
 from kvfactory.gateway.factory.metrics import GatewayMetrics
 from kvfactory.gateway.factory.routing import Router, RouteRequest, RoutingState, check_strategy
@@ -115,6 +120,8 @@ class Factory:
         self.tenants = tenants
         self.admission = admission
         self.metrics = GatewayMetrics(metrics, self.backends)
+        self.expose_backends = not tenants.requires_key
+        """Whether responses name their backend (only with a single, keyless tenant)."""
         state = RoutingState(PrefixIndex(config.gateway.affinity_entries))
         self.router = Router(state)
         self.dispatcher = Dispatcher(
@@ -124,6 +131,7 @@ class Factory:
             incidents=incidents,
             sinks=(self.metrics.sink, *sinks),
             default_strategy=config.gateway.strategy,
+            cap_per_tenant=tenants.requires_key,
         )
         self.canary = Canary(config.canary, self.backends, self.routes, incidents)
         self.started_at = now()
@@ -157,7 +165,9 @@ class Factory:
         text = prompt_text(body)
         route = RouteRequest(
             model=body.model,
-            digests=prefix_digests(body.model, text, self.config.gateway.affinity_chunk_chars),
+            digests=prefix_digests(
+                body.model, text, self.config.gateway.affinity_chunk_chars, namespace=tenant.salt
+            ),
             prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE,
         )
@@ -174,6 +184,7 @@ class Factory:
             tenant=tenant.name,
             route=route,
             tenant_salt=tenant.salt,
+            suspect=suspicion(data),
         )
 
     async def serve(
@@ -264,10 +275,19 @@ def _settle(ticket: Ticket, finished: Finished) -> None:
     ticket.release()
 
 
-def served_response(served: Served) -> Response:
-    headers = {BACKEND_HEADER: served.backend.name}
-    if served.degraded is not None:
-        headers[DEGRADED_HEADER] = served.degraded
+def degraded_value(served: Served, *, expose_backends: bool) -> str | None:
+    """The ``X-KVFactory-Degraded`` value; without backend names unless they are exposed."""
+    if served.degraded is None or expose_backends:
+        return served.degraded
+    kept = [p for p in served.degraded.split("; ") if not p.startswith("backends=")]
+    return "; ".join(kept) or "true"
+
+
+def served_response(served: Served, *, expose_backends: bool = True) -> Response:
+    headers = {BACKEND_HEADER: served.backend.name} if expose_backends else {}
+    degraded = degraded_value(served, expose_backends=expose_backends)
+    if degraded is not None:
+        headers[DEGRADED_HEADER] = degraded
     if served.stream is not None:
         return StreamingResponse(
             served.stream, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
@@ -291,6 +311,7 @@ __all__ = [
     "PRIORITY_HEADER",
     "TEXT",
     "Factory",
+    "degraded_value",
     "prompt_text",
     "served_response",
 ]
