@@ -8,7 +8,9 @@ heads x 256 tokens x 64 head_dim x bf16 = 5.9 MB. Rows:
 * disk tier put vs plain write+fsync+rename and vs plain write without fsync;
 * disk tier get vs plain ``open().read()``, page cache warm and cold (cold =
   ``posix_fadvise(DONTNEED)`` on every file of *both* sides before each timed pass);
-* ``ContextStore.lookup`` of a 32k-token prompt with 1M tiny blocks indexed (median).
+* ``ContextStore.lookup`` of a 32k-token prompt with 1M tiny blocks indexed (median);
+* the block MAC's cost: decoding with the checksum and the MAC vs the checksum alone, and
+  sealing vs not sealing, on the same blocks, as seconds per GB (CPU model printed).
 
 Each pair alternates sides over several rounds and keeps the median round. Run:
 ``python benchmarks/store_bandwidth.py [--quick]``. Not a test: it prints, never asserts.
@@ -27,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from kvfactory._types import BlockKey, ModelFingerprint, NamespaceId
-from kvfactory.store.codec import BlockHeader, KVBlock, encode_block
+from kvfactory.store.block_mac import BlockMac
+from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block, peek_header
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.keys import Namespace, chunk_key, chunk_keys
 from kvfactory.store.tiers import DiskTier, MemoryTier
@@ -36,6 +39,7 @@ LAYERS, KV_HEADS, TOKENS, HEAD_DIM, BF16 = 30, 3, 256, 64, 2
 SHAPE = (LAYERS, 2, KV_HEADS, TOKENS, HEAD_DIM)
 PAYLOAD_BYTES = LAYERS * 2 * KV_HEADS * TOKENS * HEAD_DIM * BF16
 GB = 1e9
+BENCH_MAC = BlockMac.from_secret(b"benchmark secret")
 
 
 def make_blocks(count: int, namespace: NamespaceId, seed: int = 0) -> list[tuple[BlockKey, bytes]]:
@@ -46,9 +50,51 @@ def make_blocks(count: int, namespace: NamespaceId, seed: int = 0) -> list[tuple
         key = chunk_key(parent, [seed, index])
         payload = rng.integers(0, 256, PAYLOAD_BYTES, dtype=np.uint8).tobytes()
         header = BlockHeader("bfloat16", SHAPE, namespace, key, parent, index, TOKENS)
-        blocks.append((key, encode_block(KVBlock(header, payload))))
+        blocks.append((key, encode_block(KVBlock(header, payload), BENCH_MAC)))
         parent = key
     return blocks
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.partition(':')[2].strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def mac_rows(report: Report, blocks: list[tuple[BlockKey, bytes]], rounds: int) -> None:
+    """What authenticating blocks costs on this CPU, MAC on vs off side by side."""
+    total = sum(len(data) for _, data in blocks)
+    decoded = [(key, decode_block(data, expected_key=key)) for key, data in blocks]
+
+    def decode(mac: BlockMac | None) -> Callable[[], float]:
+        return lambda: timed(
+            lambda: [decode_block(data, expected_key=key, mac=mac) for key, data in blocks]
+        )
+
+    def encode(mac: BlockMac | None) -> Callable[[], float]:
+        return lambda: timed(lambda: [encode_block(block, mac) for _, block in decoded])
+
+    read_on, read_off = paired(rounds, decode(BENCH_MAC), decode(None))
+    write_on, write_off = paired(rounds, encode(BENCH_MAC), encode(None))
+    report.add("verify: checksum + MAC GB/s", total / read_on / GB,
+               "checksum alone (MAC off) GB/s", total / read_off / GB, None)  # fmt: skip
+    report.add("seal: encode + MAC GB/s", total / write_on / GB,
+               "encode, unsealed (MAC off) GB/s", total / write_off / GB, None)  # fmt: skip
+    assert all(peek_header(data).key == key for key, data in blocks)
+    print(
+        f"block MAC (BLAKE3 keyed, one thread) on {cpu_model()}: "
+        f"+{(read_on - read_off) / total * GB * 1e3:.0f} ms per GB read, "
+        f"+{(write_on - write_off) / total * GB * 1e3:.0f} ms per GB written "
+        f"(verify {total / read_on / GB:.2f} vs {total / read_off / GB:.2f} GB/s; "
+        f"seal {total / write_on / GB:.2f} vs {total / write_off / GB:.2f} GB/s)"
+    )
 
 
 def paired(rounds: int, *sides: Callable[[], float]) -> list[float]:
@@ -270,14 +316,14 @@ def disk_rows(
         0.7,
     )
 
-    store = ContextStore([tier], chunk_tokens=TOKENS)
+    store = ContextStore([tier], mac=BENCH_MAC, chunk_tokens=TOKENS)
     ours, plain = paired(
         rounds,
         lambda: timed(lambda: store.load(keys)),
         lambda: timed(lambda: plain_read(plain_paths)),
     )
     report.add(
-        "disk get (ContextStore, +verify) GB/s",
+        "disk get (ContextStore, +verify+MAC) GB/s",
         total / ours / GB,
         "open().read() warm GB/s",
         total / plain / GB,
@@ -345,6 +391,7 @@ def main() -> None:
     memory_rows(report, blocks, rounds)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         disk_rows(report, blocks, rounds, Path(root))
+    mac_rows(report, blocks, rounds)
     report.print()
     lookup_row(report, indexed, runs)
 

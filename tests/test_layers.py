@@ -15,7 +15,13 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-BASE = ("kvfactory._types", "kvfactory.errors", "kvfactory.extras", "kvfactory.config")
+BASE = (
+    "kvfactory._types",
+    "kvfactory.errors",
+    "kvfactory.extras",
+    "kvfactory.config",
+    "kvfactory.server_secret",
+)
 TELEMETRY = ("kvfactory.telemetry",)
 STORE = ("kvfactory.store",)
 POLICY_SIDE_OF_STORE = (

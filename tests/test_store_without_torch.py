@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
 
     from kvfactory._types import ModelFingerprint
     from kvfactory.store import (
-        BlockHeader, ContextStore, DiskTier, KVBlock, MemoryTier, Namespace, chunk_keys,
+        BlockHeader, BlockMac, ContextStore, DiskTier, KVBlock, MemoryTier, Namespace, chunk_keys,
     )
 
     fingerprint = ModelFingerprint("w", "t", "layout", "float32", 16)
@@ -46,9 +46,10 @@ SCRIPT = textwrap.dedent(
         for i, key in enumerate(keys)
     ]
     directory = Path(sys.argv[1])
-    with ContextStore([MemoryTier(1 << 20), DiskTier(directory, 1 << 20)], chunk_tokens=16) as store:
+    mac = BlockMac.from_secret(b"test")
+    with ContextStore([MemoryTier(1 << 20), DiskTier(directory, 1 << 20)], mac=mac, chunk_tokens=16) as store:
         store.put_many(blocks)
-    with ContextStore([MemoryTier(1 << 20), DiskTier(directory, 1 << 20)], chunk_tokens=16) as store:
+    with ContextStore([MemoryTier(1 << 20), DiskTier(directory, 1 << 20)], mac=mac, chunk_tokens=16) as store:
         result = store.lookup(tokens, namespace)
         loaded = store.load(result)
     assert [h.tier for h in result.hits] == ["disk", "disk"], result

@@ -18,8 +18,10 @@ NamespaceId = NewType("NamespaceId", bytes)
 TokenIds = Sequence[int]
 
 DIGEST_SIZE = 32
-FORMAT_VERSION = 1
-"""Version of the key derivation and block encoding. Bumping it changes every key."""
+FORMAT_VERSION = 2
+"""Version of the key derivation and block encoding. Bumping it changes every key.
+
+2: blocks carry a MAC binding them to their key (``kvfactory.store.block_mac``)."""
 
 
 @dataclass(frozen=True, slots=True)

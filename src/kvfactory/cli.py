@@ -555,7 +555,7 @@ def _open_disk_store(settings: Settings) -> Any:
     """The store over the tiers that outlive a server (shm when configured, then disk),
     with budgets that never trim what is there."""
     from kvfactory.store.context_store import ContextStore
-    from kvfactory.store.factory import shm_tier
+    from kvfactory.store.factory import block_mac, shm_tier
     from kvfactory.store.tiers.disk import DiskTier
 
     tiers = []
@@ -563,7 +563,7 @@ def _open_disk_store(settings: Settings) -> Any:
     if settings.shm_bytes > 0 or settings.resolved_shm_dir.is_dir():
         tiers.append(shm_tier(settings, UNTRIMMED_BYTES))
     tiers.append(DiskTier(settings.resolved_store_dir, UNTRIMMED_BYTES))
-    return ContextStore(tiers, chunk_tokens=settings.chunk_tokens)
+    return ContextStore(tiers, mac=block_mac(settings), chunk_tokens=settings.chunk_tokens)
 
 
 def _require_store_dir(settings: Settings) -> Path:
@@ -680,6 +680,57 @@ def store_clear(
     for tier in before:
         where = tier.extra["directory"]
         typer.echo(f"deleted {tier.blocks} blocks ({human_bytes(tier.bytes)}) from {where}")
+
+
+@store_app.command("verify")
+def store_verify(
+    store_dir: StoreDirOpt = None,
+    config: ConfigOpt = None,
+    delete_bad: Annotated[
+        bool, typer.Option("--delete-bad", help="Delete every block that fails.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check every block on disk (and shm): header, checksum, and MAC against its key.
+
+    Uses the server secret of HOME (or KVFACTORY_SERVER_SECRET), as the server does.
+    Exit code 1 when any block is bad (deleted or not)."""
+    from kvfactory.store.factory import block_mac
+    from kvfactory.store.verify import verify_folder
+
+    settings = _store_settings(config, store_dir)
+    _require_store_dir(settings)
+    mac = block_mac(settings)
+    folders = [("disk", settings.resolved_store_dir)]
+    if settings.resolved_shm_dir.is_dir():
+        folders.insert(0, (SHM_TIER, settings.resolved_shm_dir))
+    results = [verify_folder(n, d, mac, delete_bad=delete_bad) for n, d in folders]
+    bad = [block for result in results for block in result.bad]
+    if as_json:
+        report = {
+            "tiers": [
+                {"tier": r.tier, "dir": str(r.directory), "blocks": r.blocks, "bytes": r.bytes,
+                 "bad": len(r.bad)}
+                for r in results
+            ],
+            "bad": [
+                {"tier": b.tier, "key": b.key.hex(), "path": str(b.path),
+                 "problem": str(b.problem), "detail": b.detail, "deleted": b.deleted}
+                for b in bad
+            ],
+        }  # fmt: skip
+        typer.echo(json.dumps(report))
+    else:
+        for result in results:
+            typer.echo(
+                f"{result.tier}: {result.blocks} blocks ({human_bytes(result.bytes)}) "
+                f"in {result.directory}, {len(result.bad)} bad"
+            )
+        for block in bad:
+            action = " (deleted)" if block.deleted else ""
+            typer.echo(f"  {block.tier} {block.key.hex()} {block.problem}: {block.detail}{action}")
+    if bad:
+        raise typer.Exit(1)
 
 
 @store_app.command("explain")

@@ -20,8 +20,12 @@ from kvfactory.store import (
     Namespace,
     open_store,
 )
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.codec import BlockHeader, encode_block
 from kvfactory.telemetry.metrics import Metrics
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 MakeBlocks = Callable[..., list[KVBlock]]
 OpenStore = Callable[..., ContextStore]
@@ -41,7 +45,7 @@ def open_local(tmp_path: Path) -> Iterator[OpenStore]:
             DiskTier(tmp_path / "disk", disk_bytes, fsync=False),
         ]
         options.setdefault("chunk_tokens", 16)
-        store = ContextStore(tiers, **options)  # type: ignore[arg-type]
+        store = ContextStore(tiers, mac=MAC, **options)  # type: ignore[arg-type]
         stores.append(store)
         return store
 

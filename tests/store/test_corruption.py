@@ -6,15 +6,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvfactory.store import ContextStore, DiskTier, KVBlock, MemoryTier, MissReason, Namespace
+from kvfactory.store.block_mac import BlockMac
+from kvfactory.store.codec import TRAILER_SIZE
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 MakeBlocks = Callable[..., list[KVBlock]]
 
 
 def local_store(directory: Path, **options: object) -> ContextStore:
     tiers = [MemoryTier(1 << 20), DiskTier(directory, 1 << 24)]
-    return ContextStore(tiers, chunk_tokens=16, **options)  # type: ignore[arg-type]
+    return ContextStore(tiers, mac=MAC, chunk_tokens=16, **options)  # type: ignore[arg-type]
 
 
 def block_file(disk_dir: Path, block: KVBlock) -> Path:
@@ -25,7 +30,7 @@ def block_file(disk_dir: Path, block: KVBlock) -> Path:
 def flip_payload_byte(disk_dir: Path, block: KVBlock) -> Path:
     path = block_file(disk_dir, block)
     data = bytearray(path.read_bytes())
-    data[len(data) - 16 - 5] ^= 0x40  # inside the payload, so the header still parses
+    data[len(data) - TRAILER_SIZE - 5] ^= 0x40  # inside the payload: the header still parses
     path.write_bytes(bytes(data))
     return path
 
@@ -115,12 +120,12 @@ def test_a_good_copy_in_another_tier_replaces_a_corrupt_one(
             DiskTier(tmp_path / "far", 1 << 24, name="far", fsync=False),
         ]
 
-    with ContextStore(tiers(), chunk_tokens=16) as writer:
+    with ContextStore(tiers(), mac=MAC, chunk_tokens=16) as writer:
         writer.put_many(blocks)
     flip_payload_byte(tmp_path / "near", blocks[1])
 
     incidents = IncidentLog()
-    with ContextStore(tiers(), chunk_tokens=16, incidents=incidents) as store:
+    with ContextStore(tiers(), mac=MAC, chunk_tokens=16, incidents=incidents) as store:
         loaded = store.load(store.lookup(tokens, namespace))
         assert [bytes(b.payload) for b in loaded] == [bytes(b.payload) for b in blocks]
         assert store.stats().hits_by_tier == {"disk": 2, "far": 1}

@@ -12,7 +12,8 @@ import blake3
 import numpy as np
 import pytest
 
-from kvfactory._types import ModelFingerprint, NamespaceId
+from kvfactory._types import FORMAT_VERSION, ModelFingerprint, NamespaceId
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.codec import BlockHeader, KVBlock, encode_block
 from kvfactory.store.keys import Namespace, chunk_key, chunk_keys, namespace_id
 
@@ -105,12 +106,23 @@ def test_block_encoding_matches_documented_vector(vector: dict[str, str]) -> Non
         chunk_index=0,
         num_tokens=int(vector["chunk_tokens"]),
     )
-    data = encode_block(KVBlock(header, bytes(range(8))))
+    mac = BlockMac.from_secret(bytes.fromhex(vector["block_server_secret"]))
+    data = encode_block(KVBlock(header, bytes(range(8))), mac)
 
     assert data[:10].hex() == vector["block_prefix"]
     assert data[10 : 10 + len(vector["block_header"])] == vector["block_header"].encode()
     assert len(data) == int(vector["block_length"])
+    assert data[-56:-48].hex() == vector["block_key_id"]
+    assert data[-48:-16].hex() == vector["block_mac"]
     assert data[-16:].hex() == vector["block_checksum"]
+    # the MAC as the document states it, re-derived without ``kvfactory.store.block_mac``
+    secret = bytes.fromhex(vector["block_server_secret"])
+    mac_key = blake3.blake3(secret, derive_key_context="kvfactory 2025-06 block MAC key v2")
+    assert mac_key.digest().hex() == vector["block_mac_key"]
+    keyed = blake3.blake3(b"kvfactory/block-mac-key-id/v2\0", key=mac_key.digest())
+    assert keyed.digest(8).hex() == vector["block_key_id"]
+    tag = blake3.blake3(key + data[:-48], key=mac_key.digest()).digest()
+    assert tag.hex() == vector["block_mac"]
 
 
 def test_chunk_key_chains_like_chunk_keys(namespace: Namespace) -> None:
@@ -154,7 +166,7 @@ def test_every_fingerprint_field_and_the_salt_change_the_namespace(
         "layout": ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "other", "float32", 16),
         "dtype": ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "test:layers=2,kv_heads=1,head_dim=4", "bfloat16", 16),
         "chunk": ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "test:layers=2,kv_heads=1,head_dim=4", "float32", 32),
-        "version": ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "test:layers=2,kv_heads=1,head_dim=4", "float32", 16, format_version=2),
+        "version": ModelFingerprint("sha256:test-weights", "sha256:test-tokenizer", "test:layers=2,kv_heads=1,head_dim=4", "float32", 16, format_version=FORMAT_VERSION + 1),
     }  # fmt: skip
     ids = {name: namespace_id(fp) for name, fp in variants.items()}
     ids["salted"] = namespace_id(fingerprint, b"tenant")

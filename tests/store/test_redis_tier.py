@@ -15,12 +15,16 @@ from redis_fixtures import RedisClusterProcs, RedisServer, free_port
 
 from kvfactory._types import BlockKey, ModelFingerprint
 from kvfactory.errors import ConfigError
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.keys import Namespace, chunk_keys
 from kvfactory.store.tiers.memory import MemoryTier
 from kvfactory.store.tiers.redis import RedisTier, parse_remote_url
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 pytestmark = pytest.mark.redis
 
@@ -343,6 +347,7 @@ def open_store(url: str, incidents: IncidentLog, **tier_options: object) -> Cont
     remote = RedisTier(url, namespace_prefix="store:", incidents=incidents, **tier_options)  # type: ignore[arg-type]
     return ContextStore(
         [MemoryTier(64 << 20), remote],
+        mac=MAC,
         chunk_tokens=FINGERPRINT.chunk_tokens,
         admission="always",
         incidents=incidents,

@@ -17,9 +17,13 @@ from kvfactory.store import (
     Namespace,
     encode_block,
 )
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.writer import WriteBehindQueue
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
 from kvfactory.telemetry.metrics import Metrics
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 MakeBlocks = Callable[..., list[KVBlock]]
 THREADS = 8
@@ -58,7 +62,7 @@ def test_eight_threads_put_lookup_and_load(
     tiers = [MemoryTier(1 << 22), DiskTier(tmp_path, 1 << 24, fsync=False)]
     prompts = [prompt(4, seed, shared_chunks=2) for seed in range(12)]
     expected = {b.key: bytes(b.payload) for p in prompts for b in make_blocks(p, namespace)}
-    with ContextStore(tiers, chunk_tokens=16) as store:
+    with ContextStore(tiers, mac=MAC, chunk_tokens=16) as store:
 
         def work(index: int) -> None:
             for step in range(30):
@@ -91,7 +95,7 @@ def test_threads_under_eviction_and_pins_keep_tiers_within_budget(
     tiers = [MemoryTier(6 * block_size), DiskTier(tmp_path, 20 * block_size, fsync=False)]
     prompts = [prompt(3, seed, shared_chunks=1) for seed in range(16)]
     expected = {b.key: bytes(b.payload) for p in prompts for b in make_blocks(p, namespace)}
-    with ContextStore(tiers, chunk_tokens=16) as store:
+    with ContextStore(tiers, mac=MAC, chunk_tokens=16) as store:
 
         def work(index: int) -> None:
             owner = f"session-{index}"
@@ -122,6 +126,7 @@ def test_a_full_write_queue_drops_and_counts_instead_of_blocking(
     tiers = [MemoryTier(1 << 26), DiskTier(tmp_path, 1 << 30, fsync=True)]
     with ContextStore(
         tiers,
+        mac=MAC,
         chunk_tokens=16,
         write_queue_blocks=1,
         put_timeout_s=0,
@@ -163,7 +168,9 @@ def test_explain_names_a_dropped_write_once_the_fast_copy_is_gone(
 ) -> None:
     block_size = len(encode_block(make_blocks(prompt(1, 0), namespace)[0]))
     tiers = [MemoryTier(2 * block_size), DiskTier(tmp_path, 1 << 24, fsync=True)]
-    with ContextStore(tiers, chunk_tokens=16, write_queue_blocks=1, put_timeout_s=0) as store:
+    with ContextStore(
+        tiers, mac=MAC, chunk_tokens=16, write_queue_blocks=1, put_timeout_s=0
+    ) as store:
         prompts = []
         for seed in range(400):
             prompts.append(prompt(2, seed))

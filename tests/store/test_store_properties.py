@@ -29,6 +29,10 @@ from kvfactory.store import (
     chunk_keys,
     encode_block,
 )
+from kvfactory.store.block_mac import BlockMac
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 CHUNK = 4
 FINGERPRINT = ModelFingerprint("w", "t", "prop-layout", "float32", CHUNK)
@@ -74,7 +78,7 @@ class _StoreMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="kvf-prop-"))
         self.memory = MemoryTier(self.memory_blocks * BLOCK_BYTES)
         self.disk = DiskTier(self.directory, self.disk_blocks * BLOCK_BYTES, fsync=False)
-        self.store = ContextStore([self.memory, self.disk], chunk_tokens=CHUNK)
+        self.store = ContextStore([self.memory, self.disk], mac=MAC, chunk_tokens=CHUNK)
         self.ever_put: dict[BlockKey, bytes] = {}
         self.put_prompts: list[list[int]] = []
 

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from kvfactory._types import ModelFingerprint
 from kvfactory.store import ContextStore, DiskTier, KVBlock, MemoryTier, MissReason, Namespace
+from kvfactory.store.block_mac import BlockMac
+
+MAC = BlockMac.from_secret(b"tests/store")
+"""One deployment's block-MAC key: stores reopened over the same folders accept its blocks."""
 
 MakeBlocks = Callable[..., list[KVBlock]]
 
@@ -18,7 +22,7 @@ def test_tenants_never_hit_each_other(
     bob = Namespace.create(fingerprint, b"b", tenant="bob")
     tokens = list(range(3 * 16 + 4))
     tiers = [MemoryTier(1 << 20), DiskTier(tmp_path, 1 << 20, fsync=False)]
-    with ContextStore(tiers, chunk_tokens=16) as store:
+    with ContextStore(tiers, mac=MAC, chunk_tokens=16) as store:
         alice_blocks = make_blocks(tokens, alice)
         store.put_many(alice_blocks)
         store.flush()

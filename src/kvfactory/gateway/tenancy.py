@@ -4,7 +4,8 @@ The salt roots a tenant's key namespace in the context store, so tenants never s
 blocks. It is derived by the server from a server secret (keyed blake3 of the tenant name)
 and never taken from a client. The secret lives in ``KVFACTORY_SERVER_SECRET`` or in a
 0600 file under the kvfactory home, created once, so a restarted server derives the same
-salts and keeps its disk hits.
+salts and keeps its disk hits (``kvfactory.server_secret`` loads it; the store keys its
+block MACs with the same secret).
 
 With no API keys configured every caller is the tenant ``default``; with
 ``KVFACTORY_API_KEYS="key1=team-a,key2=team-b"`` (plaintext, for quick local use) or with
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +38,10 @@ import blake3
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.errors import APIError
 from kvfactory.gateway.trusted import TENANT_HEADER, TrustedGateway, untrusted_header
+from kvfactory.server_secret import SECRET_ENV, SECRET_FILE, load_server_secret
 
 DEFAULT_TENANT = "default"
-SECRET_ENV = "KVFACTORY_SERVER_SECRET"
 API_KEYS_ENV = "KVFACTORY_API_KEYS"
-SECRET_FILE = "server-secret"
 _SALT_CONTEXT = b"kvfactory/tenant-salt/v1\0"
 _TENANT_HEADER_KEY = TENANT_HEADER.lower()
 
@@ -51,34 +50,6 @@ _TENANT_HEADER_KEY = TENANT_HEADER.lower()
 class Tenant:
     name: str
     salt: bytes
-
-
-def load_server_secret(home: Path, env: Mapping[str, str] | None = None) -> bytes:
-    """The 32-byte server secret: from the environment, else from (or created in) ``home``."""
-    env = os.environ if env is None else env
-    configured = env.get(SECRET_ENV)
-    if configured:
-        return blake3.blake3(configured.encode("utf-8")).digest(32)
-    path = home / SECRET_FILE
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot create the server secret {path}: {exc}") from exc
-    else:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
-            handle.flush()
-            os.fsync(handle.fileno())
-    try:
-        secret = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the server secret {path}: {exc}") from exc
-    if len(secret) != 32:
-        raise ConfigError(f"server secret {path} must hold 32 bytes, found {len(secret)}")
-    return secret
 
 
 def parse_api_keys(spec: str) -> dict[str, str]:
@@ -197,6 +168,7 @@ __all__ = [
     "API_KEYS_ENV",
     "DEFAULT_TENANT",
     "SECRET_ENV",
+    "SECRET_FILE",
     "Tenant",
     "TenantResolver",
     "hash_api_key",

@@ -5,6 +5,7 @@ The Redis tier (``kvfactory.store.tiers.redis``) is not imported here: it needs 
 ``redis`` extra.
 """
 
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block
 from kvfactory.store.context_store import ChunkHit, ContextStore, LookupResult, StoreStats
 from kvfactory.store.cost import CostModel
@@ -24,6 +25,7 @@ from kvfactory.store.tiers.memory import MemoryTier
 __all__ = [
     "AdmissionPolicy",
     "BlockHeader",
+    "BlockMac",
     "ChunkHit",
     "ContextStore",
     "CostModel",

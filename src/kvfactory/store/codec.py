@@ -1,6 +1,6 @@
-"""The block codec: one chunk's KV for all layers as self-describing, checksummed bytes.
+"""The block codec: one chunk's KV for all layers as self-describing, sealed bytes.
 
-Layout (all integers little-endian)::
+Layout (format version 2, all integers little-endian)::
 
     magic  b"KVFB"                      4 bytes
     format_version u16                  2
@@ -9,7 +9,19 @@ Layout (all integers little-endian)::
                                                      chunk_index, num_tokens)
     payload_len    u64                  8
     payload        raw tensor bytes     payload_len
+    key_id         MAC key's id         8           (``BlockMac.key_id``; a hint only)
+    mac            BLAKE3 keyed         32          (over the key the block is stored
+                                                     under + every byte before the mac)
     checksum       xxh3_128 digest      16          (over every byte before it)
+
+The checksum (keyless, last, over everything) tells accidents from attacks: a block whose
+checksum holds but whose MAC fails was moved, replayed under another key, forged, or
+sealed under another secret (``block_mac``). ``encode_block`` without a ``BlockMac``
+writes an *unsealed* block (key id and MAC all zero) that no store accepts; stores always
+seal and always authenticate what they read from tiers others can write.
+
+NOTE: an encryption-at-rest layer would wrap the payload between ``payload_len`` and
+``key_id`` (the MAC then covers the ciphertext, encrypt-then-MAC); nothing else moves.
 
 The codec does not know tensor libraries: payloads are bytes, ``dtype`` a string and
 ``shape`` a tuple, both chosen by the engine that produced them.
@@ -25,11 +37,21 @@ import xxhash
 
 from kvfactory._types import FORMAT_VERSION, BlockKey, NamespaceId
 from kvfactory.errors import BlockCorruptError, BlockFormatError
+from kvfactory.store.block_mac import KEY_ID_SIZE, MAC_SIZE, BlockMac
 
 MAGIC = b"KVFB"
 _PREFIX = struct.Struct("<4sHI")
 _PAYLOAD_LEN = struct.Struct("<Q")
 CHECKSUM_SIZE = 16
+TRAILER_SIZE = KEY_ID_SIZE + MAC_SIZE + CHECKSUM_SIZE
+"""Bytes after the payload: key id, MAC, checksum."""
+UNSEALED_KEY_ID = bytes(KEY_ID_SIZE)
+
+
+class BlockAuthError(BlockCorruptError):
+    """A block intact as bytes but not bound to the key it was read under: moved from
+    another key, forged, or sealed under another server secret. Handled like corruption
+    (a miss plus an incident); its own class so stores count and report it apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +114,9 @@ class KVBlock:
         return len(self.payload)
 
 
-def encode_block(block: KVBlock) -> bytes:
+def encode_block(block: KVBlock, mac: BlockMac | None = None) -> bytes:
+    """The block's bytes, sealed with ``mac`` under ``block.header.key`` (the key a store
+    files it under); unsealed without ``mac``."""
     header = block.header.to_json()
     payload = block.payload
     parts = bytearray()
@@ -100,13 +124,18 @@ def encode_block(block: KVBlock) -> bytes:
     parts += header
     parts += _PAYLOAD_LEN.pack(len(payload))
     parts += payload
+    if mac is None:
+        parts += UNSEALED_KEY_ID + bytes(MAC_SIZE)
+    else:
+        parts += mac.key_id
+        parts += mac.tag(block.header.key, parts)
     parts += xxhash.xxh3_128_digest(parts)
     return bytes(parts)
 
 
 def _split(data: bytes | memoryview) -> tuple[BlockHeader, int, int]:
     view = memoryview(data)
-    if len(view) < _PREFIX.size + _PAYLOAD_LEN.size + CHECKSUM_SIZE:
+    if len(view) < _PREFIX.size + _PAYLOAD_LEN.size + TRAILER_SIZE:
         raise BlockFormatError(f"block too short ({len(view)} bytes)")
     magic, version, header_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
@@ -119,10 +148,10 @@ def _split(data: bytes | memoryview) -> tuple[BlockHeader, int, int]:
     header = BlockHeader.from_json(bytes(view[_PREFIX.size : header_end]), version)
     (payload_len,) = _PAYLOAD_LEN.unpack_from(view, header_end)
     payload_start = header_end + _PAYLOAD_LEN.size
-    if payload_start + payload_len + CHECKSUM_SIZE != len(view):
+    if payload_start + payload_len + TRAILER_SIZE != len(view):
         raise BlockFormatError(
             f"block length mismatch: header says {payload_len} payload bytes, "
-            f"{len(view) - payload_start - CHECKSUM_SIZE} present"
+            f"{len(view) - payload_start - TRAILER_SIZE} present"
         )
     return header, payload_start, payload_start + payload_len
 
@@ -134,33 +163,77 @@ def peek_header(data: bytes | memoryview) -> BlockHeader:
 
 
 def verify_checksum(data: bytes | memoryview) -> bool:
+    """Whether the trailing XXH3-128 matches (accidents only: anyone can recompute it)."""
     view = memoryview(data)
     if len(view) < CHECKSUM_SIZE:
         return False
     return xxhash.xxh3_128_digest(view[:-CHECKSUM_SIZE]) == bytes(view[-CHECKSUM_SIZE:])
 
 
+def sealed_key_id(data: bytes | memoryview) -> bytes:
+    """The key id a block claims it was sealed with (all zeros: unsealed). Unverified."""
+    view = memoryview(data)
+    start = len(view) - TRAILER_SIZE
+    return bytes(view[start : start + KEY_ID_SIZE])
+
+
+def verify_mac(data: bytes | memoryview, mac: BlockMac, key: BlockKey) -> None:
+    """Raise ``BlockAuthError`` unless ``data`` is sealed with ``mac`` under ``key``.
+
+    NOTE: ``key`` must be the key the caller asked a tier for, never one read from the
+    block: that is what makes a block moved to another key fail."""
+    view = memoryview(data)
+    if len(view) < TRAILER_SIZE:
+        raise BlockFormatError(f"block too short ({len(view)} bytes)")
+    tag_start = len(view) - CHECKSUM_SIZE - MAC_SIZE
+    if mac.verify(key, view[:tag_start], view[tag_start : tag_start + MAC_SIZE]):
+        return
+    claimed = sealed_key_id(view)
+    if claimed == UNSEALED_KEY_ID:
+        why = "is unsealed"
+    elif claimed != mac.key_id:
+        why = f"claims another secret's MAC key (id {claimed.hex()}, ours {mac.key_id.hex()})"
+    else:
+        why = "fails its MAC (moved from another key, replayed or forged)"
+    raise BlockAuthError(f"block under key {key.hex()[:16]} {why}")
+
+
 def decode_block(
-    data: bytes | memoryview, *, verify: bool = True, expected_key: BlockKey | None = None
+    data: bytes | memoryview,
+    *,
+    verify: bool = True,
+    expected_key: BlockKey | None = None,
+    mac: BlockMac | None = None,
 ) -> KVBlock:
-    """Decode bytes into a block, raising ``BlockCorruptError`` on any mismatch."""
+    """Decode bytes into a block, raising ``BlockCorruptError`` on any mismatch.
+
+    ``verify`` checks the checksum; ``mac`` authenticates the block under
+    ``expected_key`` (its header's key when ``None``): a failure there is a
+    ``BlockAuthError``. Stores pass both for every tier but memory."""
     header, start, end = _split(data)
     if verify and not verify_checksum(data):
         raise BlockCorruptError(f"checksum mismatch for block {header.key.hex()[:16]}")
     if expected_key is not None and header.key != expected_key:
-        raise BlockCorruptError(
+        raise BlockAuthError(
             f"block under key {expected_key.hex()[:16]} holds key {header.key.hex()[:16]}"
         )
+    if mac is not None:
+        verify_mac(data, mac, header.key if expected_key is None else expected_key)
     return KVBlock(header=header, payload=memoryview(data)[start:end])
 
 
 __all__ = [
     "CHECKSUM_SIZE",
     "MAGIC",
+    "TRAILER_SIZE",
+    "UNSEALED_KEY_ID",
+    "BlockAuthError",
     "BlockHeader",
     "KVBlock",
     "decode_block",
     "encode_block",
     "peek_header",
+    "sealed_key_id",
     "verify_checksum",
+    "verify_mac",
 ]

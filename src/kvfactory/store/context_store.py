@@ -7,6 +7,14 @@ blocks synchronously to the first tier and through a bounded write-behind queue 
 others (subject to admission), explains misses, and holds pins. The store owns its tiers
 and closes them on ``close``.
 
+Every block it writes is sealed with its ``BlockMac`` under the block's key, and every
+block read from a tier that verifies (all but memory) must carry that MAC under the key
+the store asked for: on a tier others can write (disk, shm, Redis), a block moved to
+another key, replayed or forged is a miss plus an incident (``mac_failures``), like a
+corrupt one. The memory tier is skipped as for the checksum: it holds only bytes this
+store sealed itself or read and authenticated from a lower tier, in memory no other
+process can write.
+
 It knows tiers only through ``Tier``; it never sees tensors, engines or HTTP.
 """
 
@@ -22,7 +30,8 @@ from typing import Literal
 from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
 from kvfactory.errors import BlockCorruptError, StoreError
 from kvfactory.store import keys as keying
-from kvfactory.store.codec import KVBlock, decode_block, encode_block
+from kvfactory.store.block_mac import BlockMac
+from kvfactory.store.codec import BlockAuthError, KVBlock, decode_block, encode_block
 from kvfactory.store.cost import CostModel
 from kvfactory.store.explain import (
     Explanation,
@@ -72,6 +81,10 @@ class StoreStats:
     blocks_put: int
     queue_drops: int
     checksum_failures: int
+    """Blocks that failed any verification on read (format, checksum, key binding, MAC)."""
+    mac_failures: int
+    """Those of ``checksum_failures`` intact as bytes but not bound to their key: moved,
+    replayed, forged, or sealed under another server secret."""
     recompute_decisions: int
     admission_skips: int
     write_errors: int
@@ -88,17 +101,26 @@ class _Counters:
     misses: int = 0
     blocks_put: int = 0
     checksum_failures: int = 0
+    mac_failures: int = 0
     recompute_decisions: int = 0
     hits_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 class ContextStore:
-    """Tiered, verified, explainable KV block storage. Thread safe."""
+    """Tiered, verified, explainable KV block storage. Thread safe.
+
+    ``mac`` is the key blocks are sealed and authenticated with: a deployment's
+    (``BlockMac.from_secret(load_server_secret(home))``, which ``open_store`` passes) for
+    any store over a tier that outlives the process, so every process sharing that tier
+    accepts the others' blocks. Left out, a store over memory tiers alone gets a random
+    key of its own; over lasting tiers that would turn every block another process (or
+    this one's last run) wrote into a MAC failure, so it is refused."""
 
     def __init__(
         self,
         tiers: Sequence[Tier],
         *,
+        mac: BlockMac | None = None,
         chunk_tokens: int = 256,
         admission: AdmissionPolicy | str = "always",
         cost_model: CostModel | None = None,
@@ -114,6 +136,13 @@ class ContextStore:
             raise ValueError(f"tier names must be unique, got {names}")
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        lasting = [tier.name for tier in tiers if tier.outlives_process]
+        if mac is None and lasting:
+            raise ValueError(
+                f"tiers {lasting} outlive this store: pass the deployment's block MAC key "
+                "(mac=BlockMac.from_secret(...); open_store does)"
+            )
+        self._mac = mac if mac is not None else BlockMac.ephemeral()
         self._tiers = tuple(tiers)
         self._rank = {name: i for i, name in enumerate(names)}
         self._chunk_tokens = chunk_tokens
@@ -149,6 +178,10 @@ class ContextStore:
     @property
     def tiers(self) -> tuple[Tier, ...]:
         return self._tiers
+
+    @property
+    def mac(self) -> BlockMac:
+        return self._mac
 
     @property
     def incidents(self) -> IncidentLog:
@@ -343,8 +376,10 @@ class ContextStore:
         self, key: BlockKey, data: BlockBytes, tier_index: int, chunk: int
     ) -> KVBlock | None:
         tier = self._tiers[tier_index]
+        verify = tier.verify_on_read
+        mac = self._mac if verify else None
         try:
-            return decode_block(data, verify=tier.verify_on_read, expected_key=key)
+            return decode_block(data, verify=verify, expected_key=key, mac=mac)
         except BlockCorruptError as error:
             self._corrupt(key, tier, chunk, error)
             return None
@@ -353,17 +388,21 @@ class ContextStore:
         with contextlib.suppress(*TIER_FAULTS):  # a failed delete is re-caught next read
             tier.delete(key)
         self._tombstones.corrupt(key, tier.name)
+        unbound = isinstance(error, BlockAuthError)
         with self._counters_lock:
             self._counters.checksum_failures += 1
+            self._counters.mac_failures += unbound
         self._metrics.checksum_failures.labels(tier.name).inc()
+        what = "failed authentication (not bound to its key)" if unbound else "failed verification"
         self._incidents.record(
             Incident(
                 kind=IncidentKind.CHECKSUM_FAILURE,
-                message=f"block failed verification on tier {tier.name!r}; served as a miss",
+                message=f"block {what} on tier {tier.name!r}; served as a miss",
                 details={
                     "tier": tier.name,
                     "key": key.hex(),
                     "chunk_index": chunk,
+                    "check": "mac" if unbound else "integrity",
                     "error": str(error),
                 },
             )
@@ -419,9 +458,9 @@ class ContextStore:
         if self._probe(self._tiers[0], [key])[0]:
             skips = self._tombstones.pending_skips(key)
             if skips:  # present here, but a lower tier skipped it: this is its next chance
-                self._writer.offer(key, encode_block(block), skips)
+                self._writer.offer(key, encode_block(block, self._mac), skips)
             return
-        data = encode_block(block)
+        data = encode_block(block, self._mac)
         self._block_nbytes = len(data)
         with self._counters_lock:
             self._counters.blocks_put += 1
@@ -516,6 +555,7 @@ class ContextStore:
             hits_by_tier = dict(counters.hits_by_tier)
             lookups, misses, puts = counters.lookups, counters.misses, counters.blocks_put
             corrupt, recompute = counters.checksum_failures, counters.recompute_decisions
+            unbound = counters.mac_failures
         writes = self._writer.counters()
         return StoreStats(
             tiers=tier_stats,
@@ -526,6 +566,7 @@ class ContextStore:
             blocks_put=puts,
             queue_drops=writes.queue_drops,
             checksum_failures=corrupt,
+            mac_failures=unbound,
             recompute_decisions=recompute,
             admission_skips=writes.admission_skips,
             write_errors=writes.write_errors,

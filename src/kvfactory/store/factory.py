@@ -6,8 +6,12 @@ A tier whose byte budget is 0 is left out. The shm tier is a ``DiskTier`` on tmp
 cannot page it out without swap, unlike an idle page-cache copy of a disk block. It does
 not survive a reboot; the disk tier below it does. Its budget is capped at half of the
 tmpfs, which other programs (and vLLM) use too. Extra tiers (the shared Redis tier, built
-by whoever knows its URL) come after disk. This module knows settings and tier
-constructors, nothing about how the store uses them.
+by whoever knows its URL) come after disk. The store's block-MAC key is derived from the
+server secret (``kvfactory.server_secret``: ``KVFACTORY_SERVER_SECRET``, else
+``HOME/server-secret``), so every process opened with the same settings (a restarted
+server, replicas, the vLLM connector's engine process, ``kvfactory store`` commands)
+accepts the blocks the others wrote. This module knows settings and tier constructors,
+nothing about how the store uses them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from kvfactory.config import Settings
 from kvfactory.errors import ConfigError
 from kvfactory.extras import require
+from kvfactory.server_secret import load_server_secret
+from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.tiers.base import Tier, TransferCost
 from kvfactory.store.tiers.disk import DiskTier
@@ -100,14 +106,22 @@ def remote_tiers(
         raise ConfigError(f"invalid --store-remote URL: {exc}") from exc
 
 
+def block_mac(settings: Settings) -> BlockMac:
+    """The deployment's block-MAC key: derived from the server secret of ``settings.home``
+    (or ``KVFACTORY_SERVER_SECRET``), created there on first use."""
+    return BlockMac.from_secret(load_server_secret(settings.home))
+
+
 def open_store(
     settings: Settings,
     *,
     metrics: StoreMetrics | None = None,
     incidents: IncidentLog | None = None,
     extra_tiers: Sequence[Tier] = (),
+    mac: BlockMac | None = None,
 ) -> ContextStore:
-    """A store over memory + disk (+ ``extra_tiers``) configured by ``settings``."""
+    """A store over memory + disk (+ ``extra_tiers``) configured by ``settings``, sealing
+    blocks with ``mac`` (default: ``block_mac(settings)``)."""
     tiers = [*build_local_tiers(settings), *extra_tiers]
     if not tiers:
         raise ConfigError(
@@ -116,6 +130,7 @@ def open_store(
         )
     return ContextStore(
         tiers,
+        mac=mac if mac is not None else block_mac(settings),
         chunk_tokens=settings.chunk_tokens,
         admission=settings.admission,
         metrics=metrics,
@@ -127,6 +142,7 @@ def open_store(
 __all__ = [
     "SHM_READ_COST",
     "SHM_TIER",
+    "block_mac",
     "build_local_tiers",
     "open_store",
     "remote_tiers",

@@ -8,7 +8,12 @@ same blocks. vLLM offers no way to hand an object from one to the other, so this
 keeps a small reference-counted table keyed by the store directory; that table is the only
 process-wide state in kvfactory, and closing the last handle closes the store. It also
 keeps each store's ``StoreReporter``, so a process reports its store's metrics once
-whichever of its connectors asks. Workers in
+whichever of its connectors asks. ``open_store`` seals and authenticates blocks with the
+MAC key derived from the server secret of ``settings.home`` (or
+``KVFACTORY_SERVER_SECRET``): ``kvfactory serve --engine vllm`` passes its own home to
+vLLM, so both see one secret; a ``vllm serve`` started by hand beside other servers on one
+disk or Redis tier must be given the same ``home`` or variable, or every block the others
+wrote is a MAC failure (a miss and an incident, never wrong KV). Workers in
 other processes (tensor or pipeline parallel) would each hold a shard of every block and
 need a per-rank layout; the connector refuses them at start.
 """
