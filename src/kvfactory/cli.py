@@ -39,7 +39,7 @@ from kvfactory.sessions.commands import register as register_session_commands
 from kvfactory.store.factory import SHM_TIER, remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
-SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes")
+SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "max_request_bytes")
 USAGE_EXIT_CODE = 2
 UNTRIMMED_BYTES = 1 << 62
 """Disk budget used when the CLI only inspects a store: opening never trims blocks."""
@@ -242,6 +242,10 @@ def serve(
             "without it that header is refused."
         ),
     ] = None,
+    max_request_bytes: Annotated[
+        str | None,
+        typer.Option(help="Largest request body, e.g. 4MiB (a larger one is refused, 413)."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -263,6 +267,7 @@ def serve(
             "exact_prefill": exact,
             "engine": engine,
             "trusted_gateway_key_env": trusted_gateway_key_env,
+            "max_request_bytes": max_request_bytes,
             "log_level": log_level,
         },
         config_file=config,
@@ -385,7 +390,12 @@ def run_server(settings: Settings) -> None:
             console=console,
         )
         app_ = create_app(
-            [engine], metrics=metrics, incidents=incidents, tenants=tenants, sessions=sessions
+            [engine],
+            metrics=metrics,
+            incidents=incidents,
+            tenants=tenants,
+            sessions=sessions,
+            max_request_bytes=settings.max_request_bytes,
         )
         # Each signed tenant header is checked against the request it came with.
         asgi: Any = app_ if trusted is None else TrustedHeaderGuard(app_, trusted)

@@ -21,6 +21,9 @@ from kvfactory.errors import ConfigError
 
 ENV_PREFIX = "KVFACTORY_"
 GiB = 1 << 30
+MiB = 1 << 20
+DEFAULT_MAX_REQUEST_BYTES = 4 * MiB
+"""Largest request body ``serve`` reads: a full 8k-token prompt is well under 100 KiB."""
 DEFAULT_SHM_ROOT = Path(f"/dev/shm/kvfactory-{os.getuid() if hasattr(os, 'getuid') else 0}")
 """Per user: /dev/shm is shared by every account on the host."""
 
@@ -75,6 +78,12 @@ class Settings(BaseModel):
     )
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=256, ge=1, description="requests waiting before 429")
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        ge=1024,
+        le=1 << 30,
+        description="largest HTTP request body the server reads; a larger one is a 413",
+    )
     remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")
     sessions_url: str | None = Field(
         default=None,
@@ -202,4 +211,4 @@ def load_settings(
         raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
 
 
-__all__ = ["GiB", "Settings", "load_settings"]
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "GiB", "MiB", "Settings", "load_settings"]

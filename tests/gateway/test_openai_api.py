@@ -288,12 +288,14 @@ def test_client_disconnect_aborts_the_sequence(server: Server) -> None:
                 break
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        health = httpx.get(server.base_url + "/healthz").json()["models"][MODEL]
-        if health["running"] == 0 and health["waiting"] == 0 and aborted() == before + 1:
+        metrics = httpx.get(server.base_url + "/metrics").text
+        running = _metric(metrics, "kvfactory_running_requests", model=MODEL)
+        waiting = _metric(metrics, "kvfactory_waiting_requests", model=MODEL)
+        if running == 0 and waiting == 0 and aborted() == before + 1:
             break
         time.sleep(0.2)
     else:
-        pytest.fail(f"the sequence kept running after the client left: {health}")
+        pytest.fail(f"the sequence kept running after the client left: {running=} {waiting=}")
 
 
 def test_chat_cli_streams_and_reports_ttft_and_cache(server: Server) -> None:

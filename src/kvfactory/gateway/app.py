@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP application: routes, admission of one request, lifespan.
 
 ``create_app`` serves a set of engines (by their ``model_name``) under ``/v1/chat/
-completions``, ``/v1/completions``, ``/v1/models``, plus ``/healthz`` and ``/metrics``.
-Every request is validated completely (JSON, types, model, sampling, context length)
-before anything reaches an engine, so a bad request never disturbs requests in flight.
+completions``, ``/v1/completions``, ``/v1/models``, plus ``/healthz`` (healthy or not,
+nothing more) and ``/metrics``. Every request is validated completely (size, JSON, types,
+model, sampling, context length) before anything reaches an engine, so a bad request never
+disturbs requests in flight; tokenizing and templating run in worker threads, so a large
+prompt never stalls the event loop.
 Generation accounting lives in ``generation``, the SSE format in ``streaming``, tenants in
 ``tenancy``. This module knows engines only through the ``Engine`` protocol.
 """
@@ -20,15 +22,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvfactory.config import DEFAULT_MAX_REQUEST_BYTES
 from kvfactory.engines.base import ChatMessage, Engine, GenerationRequest, check_context
 from kvfactory.errors import InvalidRequestError, KVFactoryError, ModelNotFoundError
 from kvfactory.gateway.errors import APIError, invalid_request, to_api_error
 from kvfactory.gateway.generation import Completed, MeteredGeneration, Outcome, outcome_of
+from kvfactory.gateway.request_body import BodyLimitMiddleware, json_body_doc, with_body_schemas
 from kvfactory.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -143,7 +148,7 @@ class Gateway:
             raise ModelNotFoundError(model, sorted(self.engines))
         return engine
 
-    def prepare(
+    async def prepare(
         self,
         request: Request,
         body: ChatCompletionRequest | CompletionRequest,
@@ -163,11 +168,8 @@ class Gateway:
             body.check_supported()
             engine = self.engine_for(body.model)
             label = engine.model_name
-            tokens = (
-                engine.tokenize_chat(messages)
-                if messages is not None
-                else self._prompt_tokens(engine, body)
-            )
+            # templating and tokenizing take a while on a big prompt: never on the event loop
+            tokens = await asyncio.to_thread(self._prompt_tokens, engine, body, messages)
             sampling = body.sampling(len(tokens), engine.context_window)
             check_context(len(tokens), sampling.max_tokens, engine.context_window)
             request_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -199,9 +201,13 @@ class Gateway:
 
     @staticmethod
     def _prompt_tokens(
-        engine: Engine, body: ChatCompletionRequest | CompletionRequest
+        engine: Engine,
+        body: ChatCompletionRequest | CompletionRequest,
+        messages: Sequence[ChatMessage] | None = None,
     ) -> list[int]:
-        if isinstance(body, ChatCompletionRequest):
+        if messages is not None:
+            tokens = engine.tokenize_chat(messages)
+        elif isinstance(body, ChatCompletionRequest):
             tokens = engine.tokenize_chat(body.chat_messages())
         else:
             prompt = body.single_prompt()
@@ -277,7 +283,7 @@ async def collect_unless_disconnected(
 
 
 def _install_routes(app: FastAPI, gateway: Gateway) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
         body = gateway.parse(await request.body(), ChatCompletionRequest)
@@ -288,7 +294,7 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
                     "Sessions are not enabled on this server.", param="session_id"
                 )
             return await gateway.session_turns.run(request, body, session_id, arrived)
-        prepared = gateway.prepare(request, body, id_prefix="chatcmpl", arrived=arrived)
+        prepared = await gateway.prepare(request, body, id_prefix="chatcmpl", arrived=arrived)
         model = prepared.engine.model_name
         return await gateway.respond(
             request,
@@ -306,11 +312,11 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
             ),
         )
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
     async def completions(request: Request) -> Response:
         arrived = time.perf_counter()
         body = gateway.parse(await request.body(), CompletionRequest)
-        prepared = gateway.prepare(request, body, id_prefix="cmpl", arrived=arrived)
+        prepared = await gateway.prepare(request, body, id_prefix="cmpl", arrived=arrived)
         model = prepared.engine.model_name
         return await gateway.respond(
             request,
@@ -343,11 +349,11 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        reports = {name: engine.health() for name, engine in gateway.engines.items()}
-        healthy = bool(reports) and all(_is_healthy(r) for r in reports.values())
+        # healthy or not, nothing else: engines' reports name folders, URLs and processes
+        reports = [engine.health() for engine in gateway.engines.values()]
+        healthy = bool(reports) and all(_is_healthy(r) for r in reports)
         return JSONResponse(
-            {"status": "ok" if healthy else "unhealthy", "models": reports},
-            status_code=200 if healthy else 503,
+            {"status": "ok" if healthy else "unhealthy"}, status_code=200 if healthy else 503
         )
 
     @app.get("/metrics")
@@ -365,6 +371,13 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
         code = "not_found" if exc.status_code == 404 else None
         return APIError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
 
+    async def invalid_parameters(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        return APIError(400, message, param=param, code="invalid_type").response()
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         error = to_api_error(exc)
         gateway.record_incident(error, exc, backend=request.url.path)
@@ -373,6 +386,7 @@ def _install_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(KVFactoryError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
     app.add_exception_handler(Exception, unexpected)
 
 
@@ -390,6 +404,7 @@ def create_app(
     tenants: TenantResolver | None = None,
     sessions: SessionService | None = None,
     pin_sweep_s: float = PIN_SWEEP_S,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``engines``; its lifespan starts and stops them.
 
@@ -399,6 +414,7 @@ def create_app(
     the ``/v1/sessions`` routes are served and chat turns may name a session; the caller
     owns (and closes) the service, and every ``pin_sweep_s`` seconds the lifespan releases
     the KV pins of sessions deleted elsewhere (``kvfactory session rm``, another gateway).
+    A request body beyond ``max_request_bytes`` is refused (413) before it is read whole.
     """
     gateway = Gateway(
         engines,
@@ -425,6 +441,8 @@ def create_app(
     _install_error_handlers(app, gateway)
     if sessions is not None:
         install_session_routes(app, gateway, sessions)
+    with_body_schemas(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -1,7 +1,8 @@
 """OpenAI wire format: request models, their validation, and response bodies.
 
 Requests are parsed strictly (a string is not a number) and unknown fields are ignored, as
-OpenAI does. ``parse_request`` turns raw bytes into a model or an ``APIError`` naming the
+OpenAI does. Every integer is bounded (counts to 32 bits, ``seed`` to 64 bits signed) and a
+conversation must hold a user message. ``parse_request`` turns raw bytes into a model or an ``APIError`` naming the
 offending field; ``*Request.sampling`` turns the OpenAI knobs into ``SamplingParams``.
 Response helpers build plain dicts in OpenAI's shape. This module knows nothing about
 engines beyond the value types of ``engines.base``, nor about HTTP routing.
@@ -12,15 +13,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from kvfactory.engines.base import ChatMessage, SamplingParams, Usage
 from kvfactory.gateway.errors import APIError, invalid_request
+from kvfactory.gateway.request_body import load_json
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default for ``/v1/completions``; chat defaults to the rest of the context."""
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+"""Counts (tokens, choices, k): far beyond any context window, yet a machine integer."""
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+"""``seed``: OpenAI documents a 64-bit integer; the sampler takes all of this range."""
 
 
 class _Strict(BaseModel):
@@ -68,10 +78,12 @@ class _GenerationFields(_Strict):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = Field(default=None, description="extension: sample from the k best")
-    seed: int | None = None
+    top_k: int | None = Field(
+        default=None, ge=0, le=INT32_MAX, description="extension: sample from the k best"
+    )
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: Int32 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
@@ -113,13 +125,25 @@ class _GenerationFields(_Strict):
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[MessageIn] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int32 | None = None
+    max_completion_tokens: Int32 | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
     session_id: str | None = Field(
         default=None, description="extension: run on this session (or header X-Session-Id)"
     )
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _has_user_message(cls, messages: list[MessageIn]) -> list[MessageIn]:
+        if not any(message.role == "user" for message in messages):
+            roles = ", ".join(sorted({message.role for message in messages}))
+            raise PydanticCustomError(
+                "invalid_conversation",
+                "a conversation needs at least one message with role 'user' (got only {roles})",
+                {"roles": roles},
+            )
+        return messages
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -144,12 +168,12 @@ class ChatCompletionRequest(_GenerationFields):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = None
+    prompt: str | list[Int32] | list[str] | list[list[Int32]]
+    max_tokens: Int32 | None = None
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    best_of: Int32 | None = None
+    logprobs: Int32 | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -207,12 +231,7 @@ Request = TypeVar("Request", bound=_Strict)
 
 def parse_request(raw: bytes, model: type[Request]) -> Request:
     """Parse a JSON body into ``model``; malformed JSON or wrong types -> 400 ``APIError``."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid_request(
-            f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
-        ) from exc
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")
     try:

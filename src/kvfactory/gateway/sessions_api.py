@@ -8,21 +8,21 @@ session of another tenant is a 404, exactly like a missing one. ``SessionTurns``
 handled by the session's policy, the reply is committed as a child of the head it ran on
 (409 with ``X-Session-Head`` when the head moved meanwhile), and the engine pins the
 prompt's KV blocks for the session. ``release_orphaned_pins_every`` (run by the app's
-lifespan) releases the pins of sessions deleted outside this process. Database calls run
-in worker threads. This module knows engines only through ``engines.base`` and the
+lifespan) releases the pins of sessions deleted outside this process. Database calls,
+templating and tokenizing run in worker threads. Bodies are validated here, at the API
+boundary: integers are bounded to what the database stores (64-bit signed). This module knows engines only through ``engines.base`` and the
 ``Gateway`` it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,7 +33,15 @@ from kvfactory.engines.base import (
     SamplingParams,
 )
 from kvfactory.gateway.errors import APIError, invalid_request
-from kvfactory.gateway.schemas import ChatCompletionRequest, chat_completion_body
+from kvfactory.gateway.request_body import json_body_doc, load_json
+from kvfactory.gateway.schemas import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    ChatCompletionRequest,
+    Int64,
+    chat_completion_body,
+)
 from kvfactory.gateway.tenancy import Tenant
 from kvfactory.sessions import (
     Message,
@@ -80,22 +88,22 @@ class CreateBody(_Body):
     model: str
     messages: list[MessageBody] = Field(default_factory=list)
     overflow: OverflowPolicy = OverflowPolicy.REJECT
-    max_context_tokens: int | None = Field(default=None, ge=1)
+    max_context_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class AppendBody(_Body):
     messages: list[MessageBody] = Field(min_length=1)
-    parent_version: int | None = None
+    parent_version: Int64 | None = None
 
 
 class ForkBody(_Body):
-    version: int | None = None
+    version: Int64 | None = None
 
 
 class RollbackBody(_Body):
-    version: int
-    expected_head: int | None = None
+    version: Int64
+    expected_head: Int64 | None = None
 
 
 Body = TypeVar("Body", bound=_Body)
@@ -159,15 +167,20 @@ class SessionTurns:
 
         limit = min(info.max_context_tokens or engine.context_window, engine.context_window)
         reserve = body.requested_max_tokens() or 1
-        plan = plan_overflow(
-            [*head.messages, *new], count=count, limit=limit, reserve=reserve, policy=info.overflow
+        plan = await asyncio.to_thread(
+            plan_overflow,
+            [*head.messages, *new],
+            count=count,
+            limit=limit,
+            reserve=reserve,
+            policy=info.overflow,
         )
         prompt = plan.messages
         if plan.to_summarize:
             summary = await self._summarize(engine, tenant, plan.to_summarize)
             prompt = plan.with_summary(summary)
-            check_fits(prompt, count=count, limit=limit, reserve=reserve)
-        prepared = self.gateway.prepare(
+            await asyncio.to_thread(check_fits, prompt, count=count, limit=limit, reserve=reserve)
+        prepared = await self.gateway.prepare(
             request,
             body,
             id_prefix="chatcmpl",
@@ -226,11 +239,12 @@ class SessionTurns:
 
     async def _summarize(self, engine: Engine, tenant: Tenant, older: Sequence[Message]) -> str:
         transcript = "\n".join(f"{m.role}: {m.content}" for m in older)
-        tokens = engine.tokenize_chat(
+        tokens = await asyncio.to_thread(
+            engine.tokenize_chat,
             [
                 ChatMessage(role="system", content=SUMMARY_INSTRUCTION),
                 ChatMessage(role="user", content=transcript),
-            ]
+            ],
         )
         request = GenerationRequest(
             request_id=f"summary-{uuid.uuid4().hex}",
@@ -278,7 +292,7 @@ def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionServi
         head = await run(store.version, session_id, tenant)
         return {**info.to_dict(), "messages": [m.to_dict() for m in head.messages]}
 
-    @app.post("/v1/sessions")
+    @app.post("/v1/sessions", openapi_extra=json_body_doc(CreateBody))
     async def create(request: Request) -> JSONResponse:
         tenant = tenant_of(request)
         body = _parse(await request.body(), CreateBody)
@@ -310,7 +324,7 @@ def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionServi
         await run(service.delete, session_id, tenant, actor=f"tenant:{tenant}")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
-    @app.post("/v1/sessions/{session_id}/messages")
+    @app.post("/v1/sessions/{session_id}/messages", openapi_extra=json_body_doc(AppendBody))
     async def append(request: Request, session_id: str) -> JSONResponse:
         tenant = tenant_of(request)
         body = _parse(await request.body(), AppendBody)
@@ -334,18 +348,22 @@ def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionServi
         return {"object": "list", "data": [v.to_dict(with_messages=False) for v in found]}
 
     @app.get("/v1/sessions/{session_id}/versions/{number}")
-    async def version(request: Request, session_id: str, number: int) -> dict[str, Any]:
+    async def version(
+        request: Request,
+        session_id: str,
+        number: Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)],
+    ) -> dict[str, Any]:
         found = await run(store.version, session_id, tenant_of(request), number)
         return dict(found.to_dict())
 
-    @app.post("/v1/sessions/{session_id}/fork")
+    @app.post("/v1/sessions/{session_id}/fork", openapi_extra=json_body_doc(ForkBody))
     async def fork(request: Request, session_id: str) -> JSONResponse:
         tenant = tenant_of(request)
         body = _parse(await request.body(), ForkBody)
         info = await run(store.fork, session_id, tenant, body.version, actor=f"tenant:{tenant}")
         return JSONResponse(await described(info.id, tenant), status_code=201)
 
-    @app.post("/v1/sessions/{session_id}/rollback")
+    @app.post("/v1/sessions/{session_id}/rollback", openapi_extra=json_body_doc(RollbackBody))
     async def rollback(request: Request, session_id: str) -> dict[str, Any]:
         tenant = tenant_of(request)
         body = _parse(await request.body(), RollbackBody)
@@ -363,13 +381,10 @@ def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionServi
     async def export(request: Request, session_id: str) -> dict[str, Any]:
         return dict(await run(export_session, store, session_id, tenant_of(request)))
 
-    @app.post("/v1/sessions/import")
+    @app.post("/v1/sessions/import", openapi_extra=json_body_doc())
     async def import_(request: Request) -> JSONResponse:
         tenant = tenant_of(request)
-        try:
-            document = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise invalid_request(f"The body is not valid JSON ({exc}).") from exc
+        document = load_json(await request.body())
         if not isinstance(document, dict):
             raise invalid_request("The body must be an exported session document.")
         info = await run(import_session, store, document, tenant, actor=f"tenant:{tenant}")

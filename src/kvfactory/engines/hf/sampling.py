@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
 
 One ``TokenSampler`` per sequence; it owns that sequence's random generator, so a request
-with a ``seed`` draws the same tokens whatever else the engine is serving. This module knows
+with a ``seed`` draws the same tokens whatever else the engine is serving; a seed outside
+torch's range is reduced modulo 2**64 (``torch_seed``) instead of failing. This module knows
 nothing about models, caches or text.
 """
 
@@ -10,6 +11,15 @@ from __future__ import annotations
 import torch
 
 from kvfactory.engines.base import SamplingParams
+
+
+SEED_MODULUS = 1 << 64
+
+
+def torch_seed(seed: int) -> int:
+    """``seed`` as torch takes it: any int in [-2**63, 2**64) unchanged (the gateway allows
+    the signed 64-bit range); anything else reduced modulo 2**64 instead of overflowing."""
+    return seed if -(1 << 63) <= seed < SEED_MODULUS else seed % SEED_MODULUS
 
 
 class TokenSampler:
@@ -24,7 +34,7 @@ class TokenSampler:
             if params.seed is None:
                 self._generator.seed()
             else:
-                self._generator.manual_seed(params.seed)
+                self._generator.manual_seed(torch_seed(params.seed))
 
     def __call__(self, logits: torch.Tensor) -> int:
         """``logits``: ``[vocab]`` scores of the next position."""
@@ -50,4 +60,4 @@ class TokenSampler:
         return torch.softmax(scores, dim=-1)
 
 
-__all__ = ["TokenSampler"]
+__all__ = ["SEED_MODULUS", "TokenSampler", "torch_seed"]

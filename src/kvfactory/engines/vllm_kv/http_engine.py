@@ -156,6 +156,7 @@ class VLLMEngine:
         self._text = ChatTokenizer(self.tokenizer)
         self._vocab_size = len(self.tokenizer)
         self._context_window = _read_context_window(model_dir, max_model_len)
+        self._text.max_prompt_tokens = self._context_window  # refuse huge text untokenized
         self._client: httpx.AsyncClient | None = None
         self._in_flight = 0
 
