@@ -326,3 +326,25 @@ def test_overflow_reject_and_drop_oldest(http: httpx.Client, served: Served) -> 
     assert head[0]["content"] == "Be brief." and history[1]["content"] not in [
         m["content"] for m in head
     ]
+
+
+def test_out_of_range_numbers_and_malformed_imports_are_400s(
+    http: httpx.Client, served: Served
+) -> None:
+    """Issue 23: each of these reached the database and came back as a 500."""
+    huge = 2**70
+    created = http.post(
+        "/v1/sessions", json={"model": served.model, "max_context_tokens": huge}, headers=A
+    )
+    assert created.status_code == 400, created.text
+    assert created.json()["error"]["param"] == "max_context_tokens"
+    sid = _create(http, served)["id"]
+    rolled = http.post(f"/v1/sessions/{sid}/rollback", json={"version": huge}, headers=A)
+    assert rolled.status_code == 400, rolled.text
+    document = http.get(f"/v1/sessions/{sid}/export", headers=A).json()
+    for version_edit in ({"messages": ["hello"]}, {"created_at": "yesterday"}):
+        bad = {**document, "versions": [{**document["versions"][0], **version_edit}]}
+        response = http.post("/v1/sessions/import", json=bad, headers=B)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "document"
+    assert http.post("/v1/sessions/import", json=document, headers=B).status_code == 201

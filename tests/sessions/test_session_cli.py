@@ -19,9 +19,25 @@ import pytest
 import sqlalchemy as sa
 
 from kvfactory.cli import main
+from kvfactory.gateway.tenancy import load_server_secret
 from kvfactory.sessions import Message, SessionNotFoundError, SessionStore
+from kvfactory.sessions.audit import derive_audit_key
 
 SYSTEM = "You are the support agent of Northwind Bank."
+SECRET = "session-cli-test-secret"
+
+
+@pytest.fixture(autouse=True)
+def _server_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI and ``_server`` key the audit chain with this secret (never a file in the
+    user's real home)."""
+    monkeypatch.setenv("KVFACTORY_SERVER_SECRET", SECRET)
+
+
+def _server(url: str) -> SessionStore:
+    """The session store as ``kvfactory serve`` opens it: keyed with the server secret."""
+    secret = load_server_secret(Path("unused"), {"KVFACTORY_SERVER_SECRET": SECRET})
+    return SessionStore(url, audit_key=derive_audit_key(secret))
 
 
 def _turn(n: int) -> list[Message]:
@@ -87,7 +103,7 @@ def _create(cli: Cli, tmp_path: Path) -> str:
 
 def test_create_show_log_fork_rollback_rm(cli: Cli, database: Path, tmp_path: Path) -> None:
     sid = _create(cli, tmp_path)
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         store.append(sid, "default", _turn(1))
         store.append(sid, "default", [*_turn(2)[:1], Message("assistant", "[red]answer 2[/red]")])
 
@@ -118,7 +134,7 @@ def test_create_show_log_fork_rollback_rm(cli: Cli, database: Path, tmp_path: Pa
     assert forked.startswith("sess_") and forked != sid
     moved = cli.ok("session", "rollback", sid, "2")
     assert "from version 3 to version 2" in moved
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         assert (
             store.version(forked, "default").messages == store.version(sid, "default", 2).messages
         )
@@ -131,7 +147,7 @@ def test_create_show_log_fork_rollback_rm(cli: Cli, database: Path, tmp_path: Pa
     assert "no version 42" in cli.fails("session", "rollback", sid, "42")
 
     assert "deleted" in cli.ok("session", "rm", sid, "--yes")
-    with SessionStore(str(database)) as store, pytest.raises(SessionNotFoundError):
+    with _server(str(database)) as store, pytest.raises(SessionNotFoundError):
         store.get(sid, "default")
     assert "No session" in cli.fails("session", "show", sid)
     assert cli.ok("session", "show", forked)  # a fork is independent of its source
@@ -142,7 +158,7 @@ def test_export_import_round_trip(
     cli: Cli, database: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sid = _create(cli, tmp_path)
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         store.append(sid, "default", _turn(1))
         store.rollback(sid, "default", 1)
         store.append(sid, "default", _turn(2))  # a tree: versions 2 and 3 both under 1
@@ -159,7 +175,7 @@ def test_export_import_round_trip(
     )
     assert code == 0, err
     assert out.strip() == sid
-    with SessionStore(str(database)) as source, SessionStore(str(other_db)) as copy:
+    with _server(str(database)) as source, _server(str(other_db)) as copy:
         original = [(v.number, v.parent, v.digest) for v in source.versions(sid, "default")]
         assert [(v.number, v.parent, v.digest) for v in copy.versions(sid, "default")] == original
         assert copy.get(sid, "default").head == source.get(sid, "default").head == 3
@@ -203,7 +219,7 @@ def test_verify_detects_an_edited_or_removed_audit_entry(
     cli: Cli, database: Path, tmp_path: Path
 ) -> None:
     sid = _create(cli, tmp_path)
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         for n in range(3):
             store.append(sid, "default", _turn(n))
     assert cli.ok("session", "verify").strip() == (
@@ -243,7 +259,7 @@ def test_verify_detects_an_edited_or_removed_audit_entry(
 
 def test_verify_detects_an_edited_version(cli: Cli, database: Path, tmp_path: Path) -> None:
     sid = _create(cli, tmp_path)
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         store.append(sid, "default", _turn(1))
     forged = json.dumps([{"role": "user", "content": "my account is 0000", "pinned": False}])
     _execute(
@@ -316,7 +332,7 @@ def test_settings_pick_the_database(
     code, out, err = cli("session", "create", "--model", "smol", database=False)
     assert code == 0, err
     assert (tmp_path / "home" / "sessions.db").is_file()
-    with SessionStore(str(tmp_path / "home" / "sessions.db")) as store:
+    with _server(str(tmp_path / "home" / "sessions.db")) as store:
         assert store.get(out.strip(), "default").model == "smol"
     # KVFACTORY_SESSIONS_URL beats the default, a --config file beats nothing, flags win.
     from_env = tmp_path / "env.db"
@@ -335,7 +351,7 @@ def test_settings_pick_the_database(
 
 
 def test_console_entry_point_bad_session_id_is_one_line(database: Path, tmp_path: Path) -> None:
-    with SessionStore(str(database)) as store:
+    with _server(str(database)) as store:
         store.create("default", "smol")
     db = str(database)
     result = subprocess.run(
@@ -362,12 +378,12 @@ def test_the_cli_works_the_same_on_postgresql(
     code, out, err = run("session", "create", "--model", "smol", "--system", SYSTEM)
     assert code == 0, err
     sid = out.strip()
-    with SessionStore(db_url) as store:
+    with _server(db_url) as store:
         store.append(sid, "default", _turn(1))
     code, out, _ = run("session", "log", sid, "--json")
     assert code == 0 and [v["version"] for v in json.loads(out)["data"]] == [1, 2]
     assert run("session", "verify")[0] == 0
-    with SessionStore(db_url) as store:
+    with _server(db_url) as store:
         engine = sa.create_engine(store.url)
         with engine.begin() as connection:
             connection.execute(

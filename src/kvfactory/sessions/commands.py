@@ -10,15 +10,18 @@ A failure (unknown session, bad document, broken audit chain, a database that ca
 opened) is one line on stderr and exit code 1; invalid settings are ``ConfigError`` (exit
 code 2, like every other command). KV pins live in the server's memory, so ``rm`` here
 erases the messages and a running server releases the session's pins within
-``PIN_SWEEP_S`` (30 s). This module only parses, calls the session store and prints
-(tables come from ``render``); it knows neither HTTP nor engines.
+``PIN_SWEEP_S`` (30 s). The commands key the audit chain with the server secret, which
+the root CLI supplies (``register(app, secret=...)``) from where ``serve`` reads it, so
+entries written here are MAC'd like the server's and ``verify`` authenticates them. This
+module only parses, calls the session store and prints (tables come from ``render``); it
+knows neither HTTP nor engines.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,10 @@ class SettingsLoader(Protocol):
     ) -> Settings: ...
 
 
+SecretLoader = Callable[[Settings], bytes]
+"""The server secret for these settings (the root CLI reads env or HOME/server-secret)."""
+
+
 class SessionCommandFailed(typer.TyperException):
     """A session command could not do its job: one line on stderr, exit code 1."""
 
@@ -69,13 +76,16 @@ class _Context:
     """What the ``session`` group hands its commands (through ``typer.Context.obj``)."""
 
     load: SettingsLoader
+    secret: SecretLoader | None
 
 
-def open_session_database(url: str, *, pins: PinReleaser | None = None) -> SessionService:
+def open_session_database(
+    url: str, *, pins: PinReleaser | None = None, audit_secret: bytes | None = None
+) -> SessionService:
     """Open (and migrate) the session database; an unreachable or foreign database is a
     ``ConfigError`` naming the URL, not a driver traceback."""
     try:
-        return open_session_service(url, pins=pins)
+        return open_session_service(url, audit_secret=audit_secret, pins=pins)
     except sa.exc.SQLAlchemyError as exc:
         where = redacted_url(url)
         raise ConfigError(f"cannot open the session database {where}: {_first_line(exc)}") from exc
@@ -112,15 +122,17 @@ def _service(
     ``--sessions-db`` must not leave empty databases behind."""
     state = ctx.find_object(_Context)
     load: SettingsLoader = state.load if state is not None else load_settings
-    url = load({"sessions_url": sessions_db}, config_file=config).resolved_sessions_url
+    settings = load({"sessions_url": sessions_db}, config_file=config)
+    url = settings.resolved_sessions_url
     try:
         path = _sqlite_file(url)
     except sa.exc.ArgumentError as exc:
         raise ConfigError(f"not a database URL: {url!r}") from exc
     if path is not None and not create and not path.is_file():
         raise SessionCommandFailed(f"no session database at {path} (no session created yet)")
+    secret = None if state is None or state.secret is None else state.secret(settings)
     try:
-        service = open_session_database(url)
+        service = open_session_database(url, audit_secret=secret)
     except MissingExtraError:
         raise  # the install, not the database, is at fault: exit code 2
     except ConfigError as exc:  # the database, not the settings, is at fault
@@ -267,7 +279,7 @@ def log_command(
     """A session's version tree (or, with --audit, its hash-chained audit log)."""
     with _service(ctx, sessions_db, config) as service:
         info = service.store.get(session_id, tenant)
-        versions = service.store.versions(session_id, tenant)
+        versions = service.store.versions(session_id, tenant, with_messages=False)
         entries = service.store.audit_log(session_id, tenant) if audit else []
     if as_json:
         rows = (
@@ -370,12 +382,21 @@ def verify_command(
     sessions_db: SessionsDbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Also fail on legacy chains (written before the audit key, no MAC).",
+        ),
+    ] = False,
 ) -> None:
-    """Check audit chains and version digests; exit code 1 on an edited or removed entry."""
+    """Check audit chains, their MACs and version digests; exit code 1 on an edited,
+    removed or re-hashed entry. Chains written before the audit key existed are reported
+    as legacy (consistent, not authenticated) unless --strict."""
     with _service(ctx, sessions_db, config) as service:
         if session_id is not None:
             service.store.audit_log(session_id, tenant)  # another tenant's: not found
-        report = service.store.verify(session_id)
+        report = service.store.verify(session_id, strict=strict)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
         if not report.ok:
@@ -389,6 +410,14 @@ def verify_command(
         f"audit verified: {counted(report.sessions, 'session')}, "
         f"{counted(report.entries, 'entry', 'entries')}, every version matches its recorded digest"
     )
+    if report.legacy:
+        typer.echo(
+            f"legacy: {counted(len(report.legacy), 'session')} written before the audit key "
+            "(hash chain consistent, not authenticated; the next change to each "
+            "authenticates its history): " + ", ".join(report.legacy)
+        )
+    elif not report.keyed:
+        typer.echo("unkeyed: no audit key, MACs not checked")
 
 
 def rm_command(
@@ -401,7 +430,7 @@ def rm_command(
 ) -> None:
     """Delete a session's messages; its audit chain stays (ending in a delete entry)."""
     with _service(ctx, sessions_db, config) as service:
-        versions = len(service.store.versions(session_id, tenant))
+        versions = len(service.store.versions(session_id, tenant, with_messages=False))
         question = f"Delete session {session_id} ({counted(versions, 'version')})?"
         if not yes and not typer.confirm(question):
             raise SessionCommandFailed("nothing deleted")
@@ -422,9 +451,15 @@ COMMANDS: Sequence[tuple[str, Any]] = (
 )
 
 
-def register(app: typer.Typer, *, load: SettingsLoader = load_settings) -> None:
+def register(
+    app: typer.Typer,
+    *,
+    load: SettingsLoader = load_settings,
+    secret: SecretLoader | None = None,
+) -> None:
     """Add the ``session`` group to ``app``; ``load`` resolves settings the way the rest
-    of the CLI does (the root CLI passes its loader, which also accepts human sizes)."""
+    of the CLI does (the root CLI passes its loader, which also accepts human sizes), and
+    ``secret`` gives the server secret that keys the audit chain (``None``: unkeyed)."""
     group = typer.Typer(
         help="Durable sessions in the session database: inspect, fork, rollback, audit.",
         no_args_is_help=True,
@@ -432,7 +467,7 @@ def register(app: typer.Typer, *, load: SettingsLoader = load_settings) -> None:
 
     @group.callback()
     def _session(ctx: typer.Context) -> None:
-        ctx.obj = _Context(load)
+        ctx.obj = _Context(load, secret)
 
     for name, command in COMMANDS:
         group.command(name)(command)
@@ -442,6 +477,7 @@ def register(app: typer.Typer, *, load: SettingsLoader = load_settings) -> None:
 __all__ = [
     "COMMANDS",
     "DEFAULT_TENANT",
+    "SecretLoader",
     "SessionCommandFailed",
     "SettingsLoader",
     "open_session_database",

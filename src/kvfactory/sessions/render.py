@@ -78,7 +78,7 @@ def versions_table(info: SessionInfo, versions: Sequence[Version]) -> Table:
             f"{version.number}{marker}",
             "-" if version.parent is None else str(version.parent),
             str(version.kind),
-            str(len(version.messages)),
+            str(version.message_count),
             when(version.created_at),
             version.digest[:DIGEST_CHARS],
             escape(compact(version.note)),

@@ -4,12 +4,16 @@ One SQLAlchemy Core schema serves SQLite (the default: WAL journal, ``synchronou
 so an acknowledged commit survives power loss, ``BEGIN IMMEDIATE`` so writers serialize
 instead of failing on lock upgrades) and PostgreSQL (rows locked with ``FOR UPDATE``).
 Migrations are numbered functions recorded in ``schema_migrations``; ``migrate`` applies
-the missing ones in order and is safe to call from every process at start. This module
-does not know what sessions mean.
+the missing ones in order and is safe to call from every process at start. A fresh
+database gets the current tables from migration 1; later migrations therefore add only
+what is missing, so they also run idempotently. This module does not know what sessions
+mean: migration 2 treats a version's messages as an opaque JSON list.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,8 @@ sessions = sa.Table(
     # entry, so removing the newest entries is detected too.
     sa.Column("audit_seq", sa.Integer, nullable=False),
     sa.Column("audit_hash", sa.String(64), nullable=False),
+    # MAC of (audit_seq, audit_hash) under the audit key; NULL for chains written without.
+    sa.Column("audit_mac", sa.String(64), nullable=True),
 )
 
 versions = sa.Table(
@@ -63,9 +69,17 @@ versions = sa.Table(
     sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("parent", sa.Integer, nullable=True),
     sa.Column("kind", sa.String(32), nullable=False),
+    # NOTE: with ``base`` set, ``messages_json`` holds only the messages this version adds
+    # to version ``base`` (always its parent, so base < number and chains end); with
+    # ``base`` NULL it holds the whole list (roots, overflow rewrites, pre-v2 rows).
     sa.Column("messages_json", sa.Text, nullable=False),
     sa.Column("note_json", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("base", sa.Integer, nullable=True),
+    # The whole list's length and chained digest, so an append reads neither; NULL in
+    # rows written before migration 2 (the store derives them on first use).
+    sa.Column("message_count", sa.Integer, nullable=True),
+    sa.Column("digest", sa.String(64), nullable=True),
 )
 
 audit = sa.Table(
@@ -79,6 +93,7 @@ audit = sa.Table(
     sa.Column("payload_json", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("mac", sa.String(64), nullable=True),
 )
 
 
@@ -86,8 +101,66 @@ def _create_v1(connection: Connection) -> None:
     metadata.create_all(connection, tables=[sessions, versions, audit], checkfirst=True)
 
 
+def _add_missing_columns(connection: Connection, table: sa.Table, names: list[str]) -> None:
+    present = {c["name"] for c in sa.inspect(connection).get_columns(table.name)}
+    for name in names:
+        if name in present:
+            continue
+        column = table.c[name]
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _split_versions(connection: Connection) -> None:
+    """Rewrite full-list rows written before v2 as deltas of their parent.
+
+    A row whose list starts with its parent's list keeps only the rest (``base`` =
+    parent); any other row stays whole. Rows are read one at a time and each parent is
+    remembered by (length, sha256 of its canonical list), so memory stays one row."""
+    v = versions
+    pending = connection.execute(
+        sa.select(v.c.session_id, v.c.number, v.c.parent)
+        .where(v.c.message_count.is_(None))
+        .order_by(v.c.session_id, v.c.number)
+    ).all()
+    seen: dict[tuple[str, int], tuple[int, str]] = {}
+    for session_id, number, parent in pending:
+        raw = connection.execute(
+            sa.select(v.c.messages_json).where(v.c.session_id == session_id, v.c.number == number)
+        ).scalar_one()
+        full = json.loads(raw)
+        seen[(session_id, number)] = (
+            len(full),
+            hashlib.sha256(_canonical(full).encode()).hexdigest(),
+        )
+        values: dict[str, Any] = {"message_count": len(full)}
+        known = seen.get((session_id, parent)) if parent is not None else None
+        if known is not None:
+            length, digest = known
+            head = _canonical(full[:length]).encode()
+            if length <= len(full) and hashlib.sha256(head).hexdigest() == digest:
+                values.update(base=parent, messages_json=_canonical(full[length:]))
+        connection.execute(
+            v.update().where(v.c.session_id == session_id, v.c.number == number).values(**values)
+        )
+
+
+def _delta_versions_and_macs_v2(connection: Connection) -> None:
+    _add_missing_columns(connection, versions, ["base", "message_count", "digest"])
+    _add_missing_columns(connection, audit, ["mac"])
+    _add_missing_columns(connection, sessions, ["audit_mac"])
+    _split_versions(connection)
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
-MIGRATIONS: tuple[Migration, ...] = ((1, "sessions, versions, audit", _create_v1),)
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "sessions, versions, audit", _create_v1),
+    (2, "versions store their new messages; audit MACs", _delta_versions_and_macs_v2),
+)
 """Append new migrations here; never edit an applied one."""
 
 

@@ -7,6 +7,10 @@ server runs every ``PIN_SWEEP_S`` seconds, releases those of sessions deleted el
 (``kvfactory session rm``, another gateway on the same PostgreSQL). The messages stay the
 source of truth: pins only make eviction keep the accelerator around. This module knows
 the pins only through the small ``PinReleaser`` protocol (``ContextStore`` satisfies it).
+
+The audit key comes in as the server secret's bytes (``open_session_service(...,
+audit_secret=...)``): the sessions layer never reads where the secret lives (that is the
+CLI's and the server's wiring), and the database never holds it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvfactory._types import BlockKey
+from kvfactory.sessions.audit import derive_audit_key
 from kvfactory.sessions.store import DEFAULT_ACTOR, SessionStore, pin_owner
 
 PIN_SWEEP_S = 30.0
@@ -59,10 +64,15 @@ class SessionService:
         self.store.close()
 
 
-def open_session_service(url: str, *, pins: PinReleaser | None = None) -> SessionService:
+def open_session_service(
+    url: str, *, pins: PinReleaser | None = None, audit_secret: bytes | None = None
+) -> SessionService:
     """Open (and migrate) the session database at ``url``: a SQLite path/URL or a
-    ``postgresql://`` URL."""
-    return SessionService(SessionStore(url), pins)
+    ``postgresql://`` URL. ``audit_secret`` (the server secret) keys the audit chain;
+    without it entries are hash-chained only and ``verify`` reports ``unkeyed``, so
+    every server and CLI entry point passes it."""
+    key = None if audit_secret is None else derive_audit_key(audit_secret)
+    return SessionService(SessionStore(url, audit_key=key), pins)
 
 
 __all__ = ["PIN_SWEEP_S", "PinReleaser", "SessionService", "open_session_service"]
