@@ -163,7 +163,15 @@ store_app = typer.Typer(help="Inspect and manage the context store.", no_args_is
 app.add_typer(store_app, name="store")
 register_planner_commands(app)
 register_bench_commands(app)
-register_session_commands(app, load=build_settings)
+register_session_commands(app, load=build_settings, secret=lambda s: _server_secret(s.home))
+
+
+def _server_secret(home: Path) -> bytes:
+    """The server secret ``serve`` uses (env or HOME/server-secret): it keys the tenant
+    salts and the session audit MACs, so the CLI's session commands get it too."""
+    from kvfactory.gateway.tenancy import load_server_secret
+
+    return load_server_secret(home)
 
 
 def _open_gateway_engine(spec: Any) -> Any:
@@ -363,7 +371,9 @@ def run_server(settings: Settings) -> None:
     model_dir = resolve_model_dir(settings, console=console)
     log.info("loading model %s from %s", settings.served_model_name or model_dir.name, model_dir)
     # Opened (and migrated) before the store and the weights: a bad URL fails fast.
-    sessions = open_session_database(settings.resolved_sessions_url)
+    sessions = open_session_database(
+        settings.resolved_sessions_url, audit_secret=_server_secret(settings.home)
+    )
     log.info("sessions database at %s", redacted_url(settings.resolved_sessions_url))
     store = None
     try:
