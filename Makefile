@@ -34,7 +34,7 @@ $(VENV)/.serve: $(VENV)/.torch pyproject.toml $(LOCK)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.serve pyproject.toml $(LOCK)
-	$(PIP) install -q -c $(LOCK) -e '.[engines,server,redis,postgres,bench,nvml,dev]'
+	$(PIP) install -q -c $(LOCK) -e '.[engines,server,redis,postgres,bench,nvml,encryption,dev]'
 	touch $@
 
 # Re-resolve every extra to the newest releases pyproject.toml allows, then run the tests:

@@ -10,7 +10,10 @@ heads x 256 tokens x 64 head_dim x bf16 = 5.9 MB. Rows:
   ``posix_fadvise(DONTNEED)`` on every file of *both* sides before each timed pass);
 * ``ContextStore.lookup`` of a 32k-token prompt with 1M tiny blocks indexed (median);
 * the block MAC's cost: decoding with the checksum and the MAC vs the checksum alone, and
-  sealing vs not sealing, on the same blocks, as seconds per GB (CPU model printed).
+  sealing vs not sealing, on the same blocks, as seconds per GB (CPU model printed);
+* encryption at rest's cost (AES-256-GCM, ``--store-encryption``): encode + MAC +
+  encrypt vs encode + MAC, decode + verify + decrypt vs decode + verify, and a disk-tier
+  ``ContextStore`` put + load round trip with encryption on vs off, as GB/s and s/GB.
 
 Each pair alternates sides over several rounds and keeps the median round. Run:
 ``python benchmarks/store_bandwidth.py [--quick]``. Not a test: it prints, never asserts.
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kvfactory._types import BlockKey, ModelFingerprint, NamespaceId
+from kvfactory.store.block_cipher import BlockCipher
 from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.codec import BlockHeader, KVBlock, decode_block, encode_block, peek_header
 from kvfactory.store.context_store import ContextStore
@@ -40,6 +44,7 @@ SHAPE = (LAYERS, 2, KV_HEADS, TOKENS, HEAD_DIM)
 PAYLOAD_BYTES = LAYERS * 2 * KV_HEADS * TOKENS * HEAD_DIM * BF16
 GB = 1e9
 BENCH_MAC = BlockMac.from_secret(b"benchmark secret")
+BENCH_MASTER_KEY = b"\x5a" * 32
 
 
 def make_blocks(count: int, namespace: NamespaceId, seed: int = 0) -> list[tuple[BlockKey, bytes]]:
@@ -94,6 +99,80 @@ def mac_rows(report: Report, blocks: list[tuple[BlockKey, bytes]], rounds: int) 
         f"+{(write_on - write_off) / total * GB * 1e3:.0f} ms per GB written "
         f"(verify {total / read_on / GB:.2f} vs {total / read_off / GB:.2f} GB/s; "
         f"seal {total / write_on / GB:.2f} vs {total / write_off / GB:.2f} GB/s)"
+    )
+
+
+def encryption_rows(
+    report: Report, blocks: list[tuple[BlockKey, bytes]], rounds: int, root: Path
+) -> None:
+    """What encryption at rest costs on this CPU, on vs off side by side: the codec alone
+    (seal/open one block's bytes) and a store over one disk tier without fsync and no
+    memory tier, so every put encrypts and writes and every load reads and decrypts."""
+    cipher = BlockCipher(BENCH_MASTER_KEY)
+    total = sum(len(data) for _, data in blocks)
+    decoded = [(key, decode_block(data, expected_key=key)) for key, data in blocks]
+    sealed = [(key, encode_block(block, BENCH_MAC, cipher)) for key, block in decoded]
+
+    def encode(with_cipher: BlockCipher | None) -> Callable[[], float]:
+        return lambda: timed(
+            lambda: [encode_block(block, BENCH_MAC, with_cipher) for _, block in decoded]
+        )
+
+    def decode(
+        items: list[tuple[BlockKey, bytes]], with_cipher: BlockCipher | None
+    ) -> Callable[[], float]:
+        return lambda: timed(
+            lambda: [
+                bytes(
+                    decode_block(data, expected_key=key, mac=BENCH_MAC, cipher=with_cipher).payload
+                )
+                for key, data in items
+            ]
+        )
+
+    write_on, write_off = paired(rounds, encode(cipher), encode(None))
+    read_on, read_off = paired(rounds, decode(sealed, cipher), decode(blocks, None))
+    report.add("encrypt: encode+MAC+AES-GCM GB/s", total / write_on / GB,
+               "encode+MAC (encryption off) GB/s", total / write_off / GB, None)  # fmt: skip
+    report.add("decrypt: verify+MAC+AES-GCM GB/s", total / read_on / GB,
+               "verify+MAC (encryption off) GB/s", total / read_off / GB, None)  # fmt: skip
+
+    stores = {
+        name: ContextStore(
+            [DiskTier(root / f"enc-{name}", 4 * total, fsync=False)],
+            mac=BENCH_MAC,
+            cipher=with_cipher,
+            chunk_tokens=TOKENS,
+        )
+        for name, with_cipher in (("on", cipher), ("off", None))
+    }
+    keys = [key for key, _ in decoded]
+
+    def round_trip(store: ContextStore) -> Callable[[], float]:
+        def put_and_load() -> None:
+            store.put_many(block for _, block in decoded)
+            loaded = [bytes(block.payload) for block in store.load(keys)]
+            assert len(loaded) == len(keys)
+
+        def run() -> float:
+            store.clear()
+            return timed(put_and_load)
+
+        return run
+
+    store_on, store_off = paired(rounds, round_trip(stores["on"]), round_trip(stores["off"]))
+    report.add("disk store put+load, encrypted GB/s", total / store_on / GB,
+               "disk store put+load, plain GB/s", total / store_off / GB, None)  # fmt: skip
+    for store in stores.values():
+        store.close()
+    print(
+        f"encryption at rest (AES-256-GCM via cryptography, one thread) on {cpu_model()}: "
+        f"+{(write_on - write_off) / total * GB:.3f} s per GB written "
+        f"(encode {total / write_on / GB:.2f} vs {total / write_off / GB:.2f} GB/s), "
+        f"+{(read_on - read_off) / total * GB:.3f} s per GB read "
+        f"(decode {total / read_on / GB:.2f} vs {total / read_off / GB:.2f} GB/s); "
+        f"disk store put+load {store_on / total * GB:.3f} vs {store_off / total * GB:.3f} s per GB "
+        f"({total / store_on / GB:.2f} vs {total / store_off / GB:.2f} GB/s)"
     )
 
 
@@ -392,6 +471,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         disk_rows(report, blocks, rounds, Path(root))
     mac_rows(report, blocks, rounds)
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        encryption_rows(report, blocks, rounds, Path(root))
     report.print()
     lookup_row(report, indexed, runs)
 

@@ -163,6 +163,19 @@ def test_the_redis_tier_without_redis_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()  # refused before anything was opened
 
 
+def test_encryption_at_rest_without_cryptography_is_one_line(tmp_path: Path) -> None:
+    done = _cli(["cryptography"], ["serve", "--store-encryption"], tmp_path)
+    _one_line_naming(done, "encryption")
+    assert not (tmp_path / "store").exists()  # refused before the store was opened
+    env_on = {**_env(tmp_path), "KVFACTORY_STORE_ENCRYPTION": "1"}
+    (tmp_path / "store").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "cryptography", "store", "verify", "--store-encryption"],
+        capture_output=True, text=True, timeout=120, env=env_on, cwd=tmp_path,
+    )  # fmt: skip
+    _one_line_naming(done, "encryption")
+
+
 def test_shared_quotas_without_redis_are_one_line(tmp_path: Path) -> None:
     config = tmp_path / "tenants.toml"
     config.write_text('[admission]\nquota_url = "redis://127.0.0.1:9"\n')

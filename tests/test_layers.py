@@ -21,6 +21,7 @@ BASE = (
     "kvfactory.extras",
     "kvfactory.config",
     "kvfactory.server_secret",
+    "kvfactory.private_files",
 )
 TELEMETRY = ("kvfactory.telemetry",)
 STORE = ("kvfactory.store",)

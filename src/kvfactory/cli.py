@@ -231,6 +231,14 @@ def serve(
     shm_bytes: ShmOpt = None,
     chunk_tokens: ChunkOpt = None,
     store_remote: RemoteOpt = None,
+    store_encryption: Annotated[
+        bool | None,
+        typer.Option(
+            "--store-encryption/--no-store-encryption",
+            help="Encrypt KV at rest on the shm, disk and remote tiers (AES-256-GCM, a key per "
+            "tenant; master key from KVFACTORY_ENCRYPTION_KEY or HOME/encryption-key).",
+        ),
+    ] = None,
     reuse: Annotated[
         bool | None, typer.Option("--reuse/--no-reuse", help="Use the context store.")
     ] = None,
@@ -270,6 +278,7 @@ def serve(
             "shm_bytes": shm_bytes,
             "chunk_tokens": chunk_tokens,
             "remote_url": store_remote,
+            "store_encryption": store_encryption,
             "sessions_url": sessions_db,
             "reuse": reuse,
             "exact_prefill": exact,
@@ -344,7 +353,7 @@ def run_server(settings: Settings) -> None:
     from kvfactory.gateway.trusted import TrustedGateway, TrustedHeaderGuard, key_from_env
     from kvfactory.sessions.commands import open_session_database, redacted_url
     from kvfactory.sessions.incident_log import open_incident_log
-    from kvfactory.store.factory import open_store
+    from kvfactory.store.factory import block_cipher, open_store
     from kvfactory.telemetry import Metrics
 
     console = _stderr()
@@ -366,6 +375,7 @@ def run_server(settings: Settings) -> None:
     kind = _engine_kind(settings)
     # a bad URL fails before anything loads; vLLM's connector opens its own remote tier
     remote = remote_tiers(settings, incidents) if kind.opens_store else []
+    block_cipher(settings)  # so do a missing encryption extra and an unreadable master key
     # Resolve (and on first use convert) the model before touching the store, so a bad
     # --model fails fast and leaves no store folder behind.
     model_dir = resolve_model_dir(settings, console=console)
@@ -575,7 +585,7 @@ def _open_disk_store(settings: Settings) -> Any:
     """The store over the tiers that outlive a server (shm when configured, then disk),
     with budgets that never trim what is there."""
     from kvfactory.store.context_store import ContextStore
-    from kvfactory.store.factory import block_mac, shm_tier
+    from kvfactory.store.factory import block_cipher, block_mac, shm_tier
     from kvfactory.store.tiers.disk import DiskTier
 
     tiers = []
@@ -583,7 +593,12 @@ def _open_disk_store(settings: Settings) -> Any:
     if settings.shm_bytes > 0 or settings.resolved_shm_dir.is_dir():
         tiers.append(shm_tier(settings, UNTRIMMED_BYTES))
     tiers.append(DiskTier(settings.resolved_store_dir, UNTRIMMED_BYTES))
-    return ContextStore(tiers, mac=block_mac(settings), chunk_tokens=settings.chunk_tokens)
+    return ContextStore(
+        tiers,
+        mac=block_mac(settings),
+        cipher=block_cipher(settings),
+        chunk_tokens=settings.chunk_tokens,
+    )
 
 
 def _require_store_dir(settings: Settings) -> Path:
@@ -709,22 +724,32 @@ def store_verify(
     delete_bad: Annotated[
         bool, typer.Option("--delete-bad", help="Delete every block that fails.")
     ] = False,
+    store_encryption: Annotated[
+        bool | None,
+        typer.Option(
+            "--store-encryption/--no-store-encryption",
+            help="Also decrypt encrypted blocks with the master key (as serve does).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Check every block on disk (and shm): header, checksum, and MAC against its key.
 
     Uses the server secret of HOME (or KVFACTORY_SERVER_SECRET), as the server does.
+    Encrypted blocks are checked without their key; with --store-encryption (or
+    KVFACTORY_STORE_ENCRYPTION) they are decrypted too, with the server's master key.
     Exit code 1 when any block is bad (deleted or not)."""
-    from kvfactory.store.factory import block_mac
+    from kvfactory.store.factory import block_cipher, block_mac
     from kvfactory.store.verify import verify_folder
 
-    settings = _store_settings(config, store_dir)
+    settings = _store_settings(config, store_dir, store_encryption=store_encryption)
     _require_store_dir(settings)
     mac = block_mac(settings)
+    cipher = block_cipher(settings)
     folders = [("disk", settings.resolved_store_dir)]
     if settings.resolved_shm_dir.is_dir():
         folders.insert(0, (SHM_TIER, settings.resolved_shm_dir))
-    results = [verify_folder(n, d, mac, delete_bad=delete_bad) for n, d in folders]
+    results = [verify_folder(n, d, mac, cipher=cipher, delete_bad=delete_bad) for n, d in folders]
     bad = [block for result in results for block in result.bad]
     if as_json:
         report = {

@@ -85,6 +85,12 @@ class Settings(BaseModel):
         description="largest HTTP request body the server reads; a larger one is a 413",
     )
     remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")
+    store_encryption: bool = Field(
+        default=False,
+        description="encrypt KV blocks at rest on the shm, disk and remote tiers (AES-256-GCM, "
+        "a key per tenant and model from KVFACTORY_ENCRYPTION_KEY or HOME/encryption-key; "
+        "needs kvfactory[encryption])",
+    )
     sessions_url: str | None = Field(
         default=None,
         description="session database: a SQLite path/URL or postgresql:// (several gateways); "

@@ -1,8 +1,9 @@
 """Optional parts of kvfactory, imported only where they are used.
 
 ``make serve`` installs the core and the ``engines`` and ``server`` extras; everything else
-(Redis/Valkey, PostgreSQL, the benchmark client and charts, NVML) is an extra of its own;
-vLLM runs from its own environment (``make vllm``), never imported by this process.
+(Redis/Valkey, PostgreSQL, the benchmark client and charts, NVML, encryption at rest) is
+an extra of its own; vLLM runs from its own environment (``make vllm``), never imported by
+this process.
 No module that the CLI imports at start-up may import one of them at module level: a
 command that needs one calls ``require`` when it runs, so ``kvfactory --help`` and
 ``kvfactory serve`` work with only what ``make serve`` installed, and a missing extra is one
@@ -28,6 +29,7 @@ EXTRAS: dict[str, str] = {
     "openai": "bench",
     "matplotlib": "bench",
     "pynvml": "nvml",
+    "cryptography": "encryption",
 }
 """Optional top-level module -> the extra that installs it."""
 

@@ -10,7 +10,14 @@ Where it comes from: ``KVFACTORY_SERVER_SECRET`` (any string, hashed to 32 bytes
 ``O_EXCL`` (so two processes starting together cannot write two different secrets).
 Every process that shares a tier (replicas on one disk or shm folder, servers and vLLM
 workers on one Redis) must see the same secret: the same ``home`` or the same variable.
-This module knows nothing of what the secret keys.
+
+The encryption master key (``load_encryption_key``; only used when encryption at rest is
+on) is a second, separate value loaded the same way: ``KVFACTORY_ENCRYPTION_KEY``, else
+``HOME/encryption-key``. Separate because it guards something else and is held
+differently: the server secret must be on every machine that authenticates blocks, while
+an operator who wants a stolen disk (store *and* HOME) to be unreadable gives the master
+key from a secret manager through the environment, never writing it beside the store.
+This module knows nothing of what either value keys.
 """
 
 from __future__ import annotations
@@ -23,10 +30,15 @@ from pathlib import Path
 import blake3
 
 from kvfactory.errors import ConfigError
+from kvfactory.private_files import FILE_MODE, make_private_dir
 
 SECRET_ENV = "KVFACTORY_SERVER_SECRET"
 SECRET_FILE = "server-secret"
 SECRET_SIZE = 32
+ENCRYPTION_KEY_ENV = "KVFACTORY_ENCRYPTION_KEY"
+ENCRYPTION_KEY_FILE = "encryption-key"
+MIN_ENCRYPTION_KEY_CHARS = 32
+_ENCRYPTION_KEY_FROM_ENV = "kvfactory 2025-06 encryption master key from the environment v1"
 
 
 def load_server_secret(home: Path, env: Mapping[str, str] | None = None) -> bytes:
@@ -35,14 +47,39 @@ def load_server_secret(home: Path, env: Mapping[str, str] | None = None) -> byte
     configured = env.get(SECRET_ENV)
     if configured:
         return blake3.blake3(configured.encode("utf-8")).digest(SECRET_SIZE)
-    path = home / SECRET_FILE
+    return _load_or_create(home / SECRET_FILE, "server secret")
+
+
+def load_encryption_key(home: Path, env: Mapping[str, str] | None = None) -> bytes:
+    """The 32-byte encryption master key: from ``KVFACTORY_ENCRYPTION_KEY`` (at least 32
+    characters, e.g. ``openssl rand -hex 32``; hashed to 32 bytes), else from (or created
+    in) ``HOME/encryption-key``."""
+    env = os.environ if env is None else env
+    configured = env.get(ENCRYPTION_KEY_ENV)
+    if configured:
+        if len(configured) < MIN_ENCRYPTION_KEY_CHARS:
+            raise ConfigError(
+                f"{ENCRYPTION_KEY_ENV} must hold at least {MIN_ENCRYPTION_KEY_CHARS} characters "
+                "(e.g. the output of `openssl rand -hex 32`)"
+            )
+        context = _ENCRYPTION_KEY_FROM_ENV
+        return blake3.blake3(configured.encode("utf-8"), derive_key_context=context).digest()
+    return _load_or_create(home / ENCRYPTION_KEY_FILE, "encryption key")
+
+
+def _load_or_create(path: Path, what: str) -> bytes:
+    """32 random bytes kept in ``path`` (0600, its folder 0700), created on first use.
+
+    NOTE: created with ``O_EXCL`` and its final mode in one call, so two processes
+    starting together cannot write two different values and no other account can read it
+    even for a moment, whatever the umask."""
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        make_private_dir(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise ConfigError(f"cannot create the server secret {path}: {exc}") from exc
+        raise ConfigError(f"cannot create the {what} {path}: {exc}") from exc
     else:
         with os.fdopen(fd, "wb") as handle:
             handle.write(secrets.token_bytes(SECRET_SIZE))
@@ -51,12 +88,18 @@ def load_server_secret(home: Path, env: Mapping[str, str] | None = None) -> byte
     try:
         secret = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read the server secret {path}: {exc}") from exc
+        raise ConfigError(f"cannot read the {what} {path}: {exc}") from exc
     if len(secret) != SECRET_SIZE:
-        raise ConfigError(
-            f"server secret {path} must hold {SECRET_SIZE} bytes, found {len(secret)}"
-        )
+        raise ConfigError(f"{what} {path} must hold {SECRET_SIZE} bytes, found {len(secret)}")
     return secret
 
 
-__all__ = ["SECRET_ENV", "SECRET_FILE", "SECRET_SIZE", "load_server_secret"]
+__all__ = [
+    "ENCRYPTION_KEY_ENV",
+    "ENCRYPTION_KEY_FILE",
+    "SECRET_ENV",
+    "SECRET_FILE",
+    "SECRET_SIZE",
+    "load_encryption_key",
+    "load_server_secret",
+]

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from kvfactory.errors import ConfigError
 from kvfactory.extras import require
+from kvfactory.private_files import create_private_file, make_private_dir
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -201,7 +202,9 @@ def open_engine(url: str) -> Engine:
         database = parsed.database or ""
         if database in ("", ":memory:"):
             raise ConfigError("sessions need a SQLite file (an in-memory database loses them)")
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(database).expanduser()
+        # owner-only; SQLite gives its -wal/-shm/-journal files the database file's mode
+        create_private_file(make_private_dir(path.parent) / path.name)
         engine = sa.create_engine(
             parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
         )

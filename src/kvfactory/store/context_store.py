@@ -15,6 +15,14 @@ corrupt one. The memory tier is skipped as for the checksum: it holds only bytes
 store sealed itself or read and authenticated from a lower tier, in memory no other
 process can write.
 
+With a ``BlockCipher`` (encryption at rest), every block bound for a tier that outlives the
+process (shm, disk, Redis) is written encrypted under its namespace's key, and an
+encrypted block read back that does not decrypt (another tenant's, another master key's)
+is a miss plus an incident like a MAC failure. The memory tier keeps plaintext: it is this
+process's heap, which holds the same KV as tensors and the prompts as text anyway, so
+ciphertext there would hide nothing from anyone able to read it and would put a decrypt on
+every hot hit.
+
 It knows tiers only through ``Tier``; it never sees tensors, engines or HTTP.
 """
 
@@ -30,8 +38,16 @@ from typing import Literal
 from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
 from kvfactory.errors import BlockCorruptError, StoreError
 from kvfactory.store import keys as keying
+from kvfactory.store.block_cipher import BlockCipher
 from kvfactory.store.block_mac import BlockMac
-from kvfactory.store.codec import BlockAuthError, KVBlock, decode_block, encode_block
+from kvfactory.store.codec import (
+    BlockAuthError,
+    BlockDecryptError,
+    KVBlock,
+    decode_block,
+    encode_block,
+    is_encrypted,
+)
 from kvfactory.store.cost import CostModel
 from kvfactory.store.explain import (
     Explanation,
@@ -114,13 +130,15 @@ class ContextStore:
     any store over a tier that outlives the process, so every process sharing that tier
     accepts the others' blocks. Left out, a store over memory tiers alone gets a random
     key of its own; over lasting tiers that would turn every block another process (or
-    this one's last run) wrote into a MAC failure, so it is refused."""
+    this one's last run) wrote into a MAC failure, so it is refused. ``cipher`` turns on
+    encryption at rest for those tiers (``open_store`` passes one when settings ask)."""
 
     def __init__(
         self,
         tiers: Sequence[Tier],
         *,
         mac: BlockMac | None = None,
+        cipher: BlockCipher | None = None,
         chunk_tokens: int = 256,
         admission: AdmissionPolicy | str = "always",
         cost_model: CostModel | None = None,
@@ -143,6 +161,7 @@ class ContextStore:
                 "(mac=BlockMac.from_secret(...); open_store does)"
             )
         self._mac = mac if mac is not None else BlockMac.ephemeral()
+        self._cipher = cipher
         self._tiers = tuple(tiers)
         self._rank = {name: i for i, name in enumerate(names)}
         self._chunk_tokens = chunk_tokens
@@ -330,7 +349,7 @@ class ContextStore:
             if found is None:
                 break
             block, data, tier_index = found
-            self._served(key, data, tier_index, promote=promote)
+            self._served(key, block, data, tier_index, promote=promote)
             blocks.append(block)
         return blocks
 
@@ -379,7 +398,7 @@ class ContextStore:
         verify = tier.verify_on_read
         mac = self._mac if verify else None
         try:
-            return decode_block(data, verify=verify, expected_key=key, mac=mac)
+            return decode_block(data, verify=verify, expected_key=key, mac=mac, cipher=self._cipher)
         except BlockCorruptError as error:
             self._corrupt(key, tier, chunk, error)
             return None
@@ -402,7 +421,7 @@ class ContextStore:
                     "tier": tier.name,
                     "key": key.hex(),
                     "chunk_index": chunk,
-                    "check": "mac" if unbound else "integrity",
+                    "check": _check_of(error),
                     "error": str(error),
                 },
             )
@@ -411,6 +430,7 @@ class ContextStore:
     def _served(
         self,
         key: BlockKey,
+        block: KVBlock,
         data: BlockBytes,
         tier_index: int,
         *,
@@ -423,22 +443,40 @@ class ContextStore:
         self._metrics.hits.labels(tier.name).inc()
         self._metrics.bytes_read.labels(tier.name).inc(len(data))
         if promote and tier_index > 0:
-            self._promote(key, data, tier_index, lasting_only=promote == "lasting")
+            self._promote(key, block, data, tier_index, lasting_only=promote == "lasting")
         skips = self._tombstones.pending_skips(key)
         if skips:  # a reused block earns another chance at the tiers that skipped it
-            self._writer.offer(key, data, skips)
+            self._writer.offer(key, self._at_rest(block, data), skips)
 
-    def _promote(self, key: BlockKey, data: BlockBytes, source: int, *, lasting_only: bool) -> None:
+    def _promote(
+        self, key: BlockKey, block: KVBlock, data: BlockBytes, source: int, *, lasting_only: bool
+    ) -> None:
         """Copy a block read from a slow tier into the faster ones: every one (the first
         synchronously), or, ``lasting_only``, those that outlive the process (queued)."""
         faster = self._tiers[:source]
         if lasting_only:
             faster = tuple(tier for tier in faster if tier.outlives_process)
         else:
-            self._writer.write_now(faster[0], key, data)
+            first = faster[0]
+            form = self._at_rest if first.outlives_process else self._in_memory
+            self._writer.write_now(first, key, form(block, data))
             faster = faster[1:]
         if faster:
-            self._writer.enqueue(WriteJob(key, data, faster))
+            self._writer.enqueue(WriteJob(key, self._at_rest(block, data), faster))
+
+    def _at_rest(self, block: KVBlock, data: BlockBytes) -> BlockBytes:
+        """``data`` as lower tiers hold it: encrypted when there is a cipher.
+
+        NOTE: with a cipher, no plaintext block is ever handed to the writer or to a tier
+        that outlives the process: every path there (put, promote, a skipped tier's second
+        chance) goes through this method or encodes with the cipher itself."""
+        if self._cipher is None or is_encrypted(data):
+            return data
+        return encode_block(block, self._mac, self._cipher)
+
+    def _in_memory(self, block: KVBlock, data: BlockBytes) -> BlockBytes:
+        """``data`` as the memory tier holds it: plaintext (no decrypt on a hot hit)."""
+        return encode_block(block, self._mac) if is_encrypted(data) else data
 
     # -- put ----------------------------------------------------------------------------
 
@@ -458,14 +496,18 @@ class ContextStore:
         if self._probe(self._tiers[0], [key])[0]:
             skips = self._tombstones.pending_skips(key)
             if skips:  # present here, but a lower tier skipped it: this is its next chance
-                self._writer.offer(key, encode_block(block, self._mac), skips)
+                self._writer.offer(key, encode_block(block, self._mac, self._cipher), skips)
             return
-        data = encode_block(block, self._mac)
+        first = self._tiers[0]
+        at_rest = encode_block(block, self._mac, self._cipher)
+        data = at_rest
+        if self._cipher is not None and not first.outlives_process:
+            data = encode_block(block, self._mac)  # the memory tier keeps plaintext
         self._block_nbytes = len(data)
         with self._counters_lock:
             self._counters.blocks_put += 1
-        self._writer.write_now(self._tiers[0], key, data)
-        self._writer.offer_everywhere(key, data)
+        self._writer.write_now(first, key, data)
+        self._writer.offer_everywhere(key, at_rest)
 
     def put_many(self, blocks: Iterable[KVBlock]) -> None:
         for block in blocks:
@@ -608,6 +650,13 @@ class ContextStore:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_of(error: BlockCorruptError) -> str:
+    """Which check a block failed, for its incident: integrity, mac or decrypt."""
+    if isinstance(error, BlockDecryptError):
+        return "decrypt"
+    return "mac" if isinstance(error, BlockAuthError) else "integrity"
 
 
 __all__ = ["ChunkHit", "ContextStore", "LookupResult", "StoreStats"]

@@ -10,8 +10,15 @@ by whoever knows its URL) come after disk. The store's block-MAC key is derived 
 server secret (``kvfactory.server_secret``: ``KVFACTORY_SERVER_SECRET``, else
 ``HOME/server-secret``), so every process opened with the same settings (a restarted
 server, replicas, the vLLM connector's engine process, ``kvfactory store`` commands)
-accepts the blocks the others wrote. This module knows settings and tier constructors,
-nothing about how the store uses them.
+accepts the blocks the others wrote. With ``store_encryption`` on, the store also gets a
+``BlockCipher`` from the encryption master key (``KVFACTORY_ENCRYPTION_KEY``, else
+``HOME/encryption-key``), which every process sharing a tier must share too.
+
+The shm folder sits at a predictable path under ``/dev/shm``, where every account can
+create entries: before use it is checked to be ours (not a symlink, owned by this user,
+writable by nobody else) and refused otherwise, so nobody can plant a folder they can read
+where our KV would go. This module knows settings and tier constructors, nothing about how
+the store uses them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from pathlib import Path
 from kvfactory.config import Settings
 from kvfactory.errors import ConfigError
 from kvfactory.extras import require
-from kvfactory.server_secret import load_server_secret
+from kvfactory.private_files import check_private_dir, make_private_dir
+from kvfactory.server_secret import load_encryption_key, load_server_secret
+from kvfactory.store.block_cipher import BlockCipher
 from kvfactory.store.block_mac import BlockMac
 from kvfactory.store.context_store import ContextStore
 from kvfactory.store.tiers.base import Tier, TransferCost
@@ -56,9 +65,17 @@ def build_local_tiers(settings: Settings) -> list[Tier]:
 
 
 def shm_tier(settings: Settings, capacity_bytes: int) -> DiskTier:
-    """The shm tier at ``settings.resolved_shm_dir`` with ``capacity_bytes``."""
+    """The shm tier at ``settings.resolved_shm_dir`` with ``capacity_bytes``.
+
+    NOTE: the folder is checked before it is created and again after (``ConfigError`` if
+    it is not ours): the first check keeps us from creating folders inside someone else's,
+    the second catches one planted in between."""
+    folder = settings.resolved_shm_dir
+    check_private_dir(folder, "shm folder")
+    make_private_dir(folder)
+    check_private_dir(folder, "shm folder")
     return DiskTier(
-        settings.resolved_shm_dir,
+        folder,
         capacity_bytes,
         eviction=settings.eviction,
         name=SHM_TIER,
@@ -112,6 +129,16 @@ def block_mac(settings: Settings) -> BlockMac:
     return BlockMac.from_secret(load_server_secret(settings.home))
 
 
+def block_cipher(settings: Settings) -> BlockCipher | None:
+    """The deployment's block cipher when ``settings.store_encryption`` is on, else ``None``.
+    Imports ``cryptography`` (``MissingExtraError`` naming the extra when it is missing)
+    before the master key is read or created."""
+    if not settings.store_encryption:
+        return None
+    require("cryptography", "encryption at rest (--store-encryption)")
+    return BlockCipher(load_encryption_key(settings.home))
+
+
 def open_store(
     settings: Settings,
     *,
@@ -121,7 +148,9 @@ def open_store(
     mac: BlockMac | None = None,
 ) -> ContextStore:
     """A store over memory + disk (+ ``extra_tiers``) configured by ``settings``, sealing
-    blocks with ``mac`` (default: ``block_mac(settings)``)."""
+    blocks with ``mac`` (default: ``block_mac(settings)``) and encrypting them at rest when
+    ``settings.store_encryption`` is on."""
+    cipher = block_cipher(settings)  # before any tier: a missing extra leaves no folder
     tiers = [*build_local_tiers(settings), *extra_tiers]
     if not tiers:
         raise ConfigError(
@@ -131,6 +160,7 @@ def open_store(
     return ContextStore(
         tiers,
         mac=mac if mac is not None else block_mac(settings),
+        cipher=cipher,
         chunk_tokens=settings.chunk_tokens,
         admission=settings.admission,
         metrics=metrics,
@@ -142,6 +172,7 @@ def open_store(
 __all__ = [
     "SHM_READ_COST",
     "SHM_TIER",
+    "block_cipher",
     "block_mac",
     "build_local_tiers",
     "open_store",

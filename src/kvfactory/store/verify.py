@@ -8,6 +8,11 @@ without a store (which would only find bad blocks when a prompt asks for them). 
 that fails is reported with its problem and, on request, deleted; a running server reads
 such a block as a miss anyway, so deleting it beside one is safe.
 
+Encrypted blocks (encryption at rest) carry their MAC and checksum over the ciphertext,
+so every check above runs without the encryption key; given the store's ``BlockCipher``,
+each block is also decrypted, which catches one encrypted under another master key or
+moved from another namespace.
+
 This module knows block files and the codec; it prints nothing (the CLI does).
 """
 
@@ -21,8 +26,14 @@ from pathlib import Path
 
 from kvfactory._types import BlockKey
 from kvfactory.errors import BlockCorruptError, BlockFormatError
+from kvfactory.store.block_cipher import BlockCipher
 from kvfactory.store.block_mac import BlockMac
-from kvfactory.store.codec import BlockAuthError, decode_block
+from kvfactory.store.codec import (
+    BlockAuthError,
+    BlockDecryptError,
+    authenticate_block,
+    decode_block,
+)
 from kvfactory.store.tiers.base import BlockBytes
 from kvfactory.store.tiers.block_files import key_of, read_block_file, unlink
 
@@ -38,6 +49,8 @@ class Problem(StrEnum):
     """Damaged bytes: the XXH3 checksum fails (disk errors, torn copies)."""
     MAC = "mac"
     """Intact bytes not bound to this file's key: moved, forged, or another secret's."""
+    DECRYPT = "decrypt"
+    """Authentic bytes that do not decrypt: another master key's, or another namespace's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +74,20 @@ class TierVerification:
     bad: list[BadBlock] = field(default_factory=list)
 
 
-def check_block(data: BlockBytes, key: BlockKey, mac: BlockMac) -> tuple[Problem, str] | None:
-    """The problem of one block's bytes filed under ``key``, or ``None`` if it is good."""
+def check_block(
+    data: BlockBytes, key: BlockKey, mac: BlockMac, cipher: BlockCipher | None = None
+) -> tuple[Problem, str] | None:
+    """The problem of one block's bytes filed under ``key``, or ``None`` if it is good.
+    Without ``cipher`` an encrypted block is authenticated but not decrypted."""
     try:
-        decode_block(data, verify=True, expected_key=key, mac=mac)
+        if cipher is None:
+            authenticate_block(data, verify=True, expected_key=key, mac=mac)
+        else:
+            decode_block(data, verify=True, expected_key=key, mac=mac, cipher=cipher)
     except BlockFormatError as error:
         return Problem.FORMAT, str(error)
+    except BlockDecryptError as error:
+        return Problem.DECRYPT, str(error)
     except BlockAuthError as error:
         return Problem.MAC, str(error)
     except BlockCorruptError as error:
@@ -94,9 +115,15 @@ def block_files(directory: Path) -> Iterator[tuple[BlockKey, Path]]:
 
 
 def verify_folder(
-    tier: str, directory: Path, mac: BlockMac, *, delete_bad: bool = False
+    tier: str,
+    directory: Path,
+    mac: BlockMac,
+    *,
+    cipher: BlockCipher | None = None,
+    delete_bad: bool = False,
 ) -> TierVerification:
-    """Check every block file under ``directory``; delete the bad ones if asked."""
+    """Check every block file under ``directory`` (decrypting with ``cipher`` when given);
+    delete the bad ones if asked."""
     result = TierVerification(tier, directory)
     for key, path in block_files(directory):
         try:
@@ -108,7 +135,7 @@ def verify_folder(
             found: tuple[Problem, str] | None = (Problem.UNREADABLE, str(error))
             size = 0
         else:
-            found = check_block(data, key, mac)
+            found = check_block(data, key, mac, cipher)
             del data  # drop the map before a delete
         result.blocks += 1
         result.bytes += size

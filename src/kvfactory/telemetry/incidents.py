@@ -23,6 +23,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvfactory.private_files import FILE_MODE, make_private_dir
+
 
 class IncidentKind(StrEnum):
     CHECKSUM_FAILURE = "checksum_failure"
@@ -101,7 +103,7 @@ class IncidentLog:
         self._recent: deque[Incident] = deque(maxlen=keep)
         self._lock = threading.Lock()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(path.parent)
 
     @property
     def path(self) -> Path | None:
@@ -120,7 +122,8 @@ class IncidentLog:
             self._recent.append(incident)
             if self._path is not None:
                 line = json.dumps(incident.to_json(), sort_keys=True) + "\n"
-                with open(self._path, "a", encoding="utf-8") as handle:
+                fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+                with open(fd, "a", encoding="utf-8") as handle:  # owner-only, like the store
                     handle.write(line)
                     handle.flush()
                     os.fsync(handle.fileno())

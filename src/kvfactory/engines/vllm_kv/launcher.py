@@ -136,6 +136,8 @@ def connector_extra_config(settings: Settings) -> dict[str, Any]:
         extra["shm_dir"] = str(settings.resolved_shm_dir)
     if settings.remote_url is not None:
         extra["remote_url"] = settings.remote_url
+    if settings.store_encryption:  # the master key: the same env or HOME as ours
+        extra["store_encryption"] = True
     return extra
 
 

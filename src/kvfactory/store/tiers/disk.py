@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kvfactory._types import BlockKey
 from kvfactory.errors import StoreError
+from kvfactory.private_files import DIR_MODE, FILE_MODE, make_private_dir
 from kvfactory.store.codec import peek_header
 from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
 from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
@@ -105,7 +106,7 @@ class DiskTier(Tier):
 
     def _open(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.directory)  # owner-only: blocks are users' prompts' KV
             found = self._scan()
         except OSError as exc:
             raise StoreError(f"cannot open disk tier at {self.directory}: {exc}") from exc
@@ -319,11 +320,11 @@ class DiskTier(Tier):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(temp, flags, 0o644)
+                fd = os.open(temp, flags, FILE_MODE)
             except FileNotFoundError:  # first block of this fan-out folder
-                temp.parent.mkdir(exist_ok=True)
+                temp.parent.mkdir(mode=DIR_MODE, exist_ok=True)
                 self._sync_dir(self.directory)
-                fd = os.open(temp, flags, 0o644)
+                fd = os.open(temp, flags, FILE_MODE)
             try:
                 view = memoryview(data)
                 while view:
