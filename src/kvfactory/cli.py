@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvfactory.bench.commands import register as register_bench_commands
-from kvfactory.config import Settings, load_settings
+from kvfactory.config import Settings, load_settings, parse_size
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
 from kvfactory.gateway.factory.commands import register as register_gateway_commands
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
@@ -43,31 +42,6 @@ SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "max_request_bytes")
 USAGE_EXIT_CODE = 2
 UNTRIMMED_BYTES = 1 << 62
 """Disk budget used when the CLI only inspects a store: opening never trims blocks."""
-
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
-_UNIT_BYTES = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mi": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """``"2GiB"`` -> 2147483648, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1610612736.
-
-    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and bare K/M/G/T are binary.
-    """
-    if isinstance(text, int):
-        if text < 0:
-            raise ConfigError(f"size must not be negative, got {text}")
-        return text
-    match = _SIZE_RE.fullmatch(text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNIT_BYTES:
-        raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
-    return int(float(match.group(1)) * _UNIT_BYTES[unit])
 
 
 def _env_with_sizes(env: Mapping[str, str]) -> dict[str, str]:

@@ -2,14 +2,17 @@
 
 Precedence: explicit values (CLI flags) > environment ``KVFACTORY_<FIELD>`` > TOML file >
 defaults. The TOML file is given by ``--config`` or ``KVFACTORY_CONFIG`` and holds the same
-field names at top level (or under a ``[kvfactory]`` table). This module knows nothing about
-what the settings drive.
+field names at top level (or under a ``[kvfactory]`` table); beside them, ``[tenants.NAME]``
+tables may set ``store_bytes`` (the tenant's store budget, the factory config's field),
+which lands in ``tenant_store_bytes``. Byte sizes are parsed here (``parse_size``) for every
+caller. This module knows nothing about what the settings drive.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +29,50 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * MiB
 """Largest request body ``serve`` reads: a full 8k-token prompt is well under 100 KiB."""
 DEFAULT_SHM_ROOT = Path(f"/dev/shm/kvfactory-{os.getuid() if hasattr(os, 'getuid') else 0}")
 """Per user: /dev/shm is shared by every account on the host."""
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+_UNIT_BYTES = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mi": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_TENANT_TABLE_FIELDS = frozenset({"store_bytes"})
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1610612736.
+
+    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and bare K/M/G/T are binary.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative, got {text}")
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNIT_BYTES:
+        raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
+    return int(float(match.group(1)) * _UNIT_BYTES[unit])
+
+
+def parse_tenant_sizes(value: object) -> dict[str, int]:
+    """``{"team-a": "2GiB"}`` or ``"team-a=2GiB,team-b=512MiB"`` (the env form) ->
+    ``{"team-a": 2147483648, ...}``."""
+    if isinstance(value, str):
+        pairs: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            tenant, sep, size = item.partition("=")
+            if not sep or not tenant.strip() or not size.strip():
+                raise ConfigError(f"expected 'tenant=size' pairs, got '{item}'")
+            pairs[tenant.strip()] = size.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise ConfigError("expected a table of tenant = size")
+    return {str(tenant): parse_size(size) for tenant, size in value.items()}
 
 
 def _default_home() -> Path:
@@ -85,6 +132,12 @@ class Settings(BaseModel):
         description="largest HTTP request body the server reads; a larger one is a 413",
     )
     remote_url: str | None = Field(default=None, description="redis:// or valkey:// shared tier")
+    tenant_store_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description="tenant -> the most bytes of its KV each store tier (memory, shm, disk) "
+        "holds; a put over it evicts that tenant's own blocks; a tenant not named is bounded "
+        "only by the tier budgets ([tenants.NAME] store_bytes, or 'team-a=2GiB,team-b=1GiB')",
+    )
     store_encryption: bool = Field(
         default=False,
         description="encrypt KV blocks at rest on the shm, disk and remote tiers (AES-256-GCM, "
@@ -122,6 +175,14 @@ class Settings(BaseModel):
         default=1, ge=1, description="vLLM --tensor-parallel-size (CPU: one core group each)"
     )
     vllm_startup_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("tenant_store_bytes", mode="before")
+    @classmethod
+    def _tenant_sizes(cls, value: object) -> dict[str, int]:
+        try:
+            return parse_tenant_sizes(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("store_dir", "shm_dir", mode="after")
     @classmethod
@@ -178,7 +239,33 @@ def _read_file(path: Path) -> dict[str, Any]:
     table = data.get("kvfactory", data)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [kvfactory] must be a table")
-    return dict(table)
+    settings = {name: value for name, value in table.items() if name != "tenants"}
+    budgets = _tenant_store_bytes(path, data.get("tenants", {}))
+    if budgets:
+        settings["tenant_store_bytes"] = {**budgets, **settings.get("tenant_store_bytes", {})}
+    return settings
+
+
+def _tenant_store_bytes(path: Path, tenants: object) -> dict[str, Any]:
+    """``store_bytes`` of each ``[tenants.NAME]`` table; any other field is an error (API
+    keys and rate limits are the factory gateway's: a server must not seem to enforce a
+    limit it ignores)."""
+    if not isinstance(tenants, dict):
+        raise ConfigError(f"config file {path}: [tenants] must be a table of tables")
+    budgets: dict[str, Any] = {}
+    for name, table in tenants.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [tenants.{name}] must be a table")
+        unknown = sorted(set(table) - _TENANT_TABLE_FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"config file {path}: [tenants.{name}] {unknown[0]}: a server reads only "
+                "store_bytes here (API keys come from KVFACTORY_API_KEYS or the factory "
+                "gateway, limits from the factory config)"
+            )
+        if "store_bytes" in table:
+            budgets[name] = table["store_bytes"]
+    return budgets
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -217,4 +304,12 @@ def load_settings(
         raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
 
 
-__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "GiB", "MiB", "Settings", "load_settings"]
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "GiB",
+    "MiB",
+    "Settings",
+    "load_settings",
+    "parse_size",
+    "parse_tenant_sizes",
+]

@@ -121,6 +121,8 @@ def test_limits_and_classes_reach_admission(tmp_path: Path) -> None:
             "two tenants",
         ),
         ({"tenants": "nope"}, "table"),
+        ({"tenants": {"t": {"store_bytes": "2 parsecs"}}}, r"tenants\.t\] store_bytes"),
+        ({"tenants": {"t": {"store_bytes": -1}}}, "negative"),
     ],
 )
 def test_config_errors_are_one_clear_line(config: dict[str, object], match: str) -> None:
@@ -153,3 +155,10 @@ def test_tenants_cli_hash_new_and_check(tmp_path: Path) -> None:
     assert broken.exit_code == 1
     missing = runner.invoke(app, ["tenants", "check", str(tmp_path / "absent.toml")])
     assert missing.exit_code == 1 and "cannot read" in missing.output
+
+
+def test_store_bytes_are_parsed_like_the_cli_sizes() -> None:
+    tenancy = parse_tenancy(
+        {"tenants": {"a": {"store_bytes": "2GiB"}, "b": {"store_bytes": 1000}, "c": {}}}
+    )
+    assert tenancy.store_budgets() == {"a": 2 << 30, "b": 1000}

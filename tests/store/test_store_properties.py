@@ -4,7 +4,10 @@
 lookup exactly. ``CrowdedStore`` is small and evicts (with pins in play); there the model
 only knows what was ever put, and the properties are: a lookup never returns a key that was
 never put, its hits are a prefix of the prompt's keys, loads return exactly what was put,
-and no tier ever holds more bytes than its budget.
+and no tier ever holds more bytes than its budget. ``BudgetedStore`` adds a second
+namespace with a byte budget that floods the tiers: it never holds more than its budget in
+a tier, its puts never evict a block of the other namespace while the tier has room for
+that namespace plus the budget, and per-namespace bytes always add up to the tier's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ MAC = BlockMac.from_secret(b"tests/store")
 CHUNK = 4
 FINGERPRINT = ModelFingerprint("w", "t", "prop-layout", "float32", CHUNK)
 NAMESPACE = Namespace.create(FINGERPRINT, b"prop")
+FLOODER = Namespace.create(FINGERPRINT, b"flood", tenant="flooder")
 # A small alphabet makes prompts share prefixes (and so keys) often.
 fresh_prompts = st.lists(st.integers(min_value=0, max_value=1), max_size=4 * CHUNK + 2)
 MACHINE_SETTINGS = settings(
@@ -47,16 +51,16 @@ MACHINE_SETTINGS = settings(
 )
 
 
-def blocks_of(tokens: list[int]) -> list[KVBlock]:
-    keys = chunk_keys(tokens, NAMESPACE)
+def blocks_of(tokens: list[int], namespace: Namespace = NAMESPACE) -> list[KVBlock]:
+    keys = chunk_keys(tokens, namespace)
     return [
         KVBlock(
             BlockHeader(
                 "float32",
                 (8,),
-                NAMESPACE.id,
+                namespace.id,
                 key,
-                NAMESPACE.id if i == 0 else keys[i - 1],
+                namespace.id if i == 0 else keys[i - 1],
                 i,
                 CHUNK,
             ),
@@ -81,6 +85,8 @@ class _StoreMachine(RuleBasedStateMachine):
         self.store = ContextStore([self.memory, self.disk], mac=MAC, chunk_tokens=CHUNK)
         self.ever_put: dict[BlockKey, bytes] = {}
         self.put_prompts: list[list[int]] = []
+        self.flooded: set[BlockKey] = set()
+        """Keys put under ``FLOODER`` (``BudgetedStore``)."""
 
     def draw_prompt(self, data: st.DataObject) -> list[int]:
         """A prompt put before (most of the time, once there is one) or a fresh one."""
@@ -230,11 +236,54 @@ class CrowdedStore(_StoreMachine):
 
     @invariant()
     def tiers_hold_only_what_was_put(self) -> None:
-        assert set(self.memory.keys()) <= set(self.ever_put)
-        assert set(self.disk.keys()) <= set(self.ever_put)
+        assert set(self.memory.keys()) <= set(self.ever_put) | self.flooded
+        assert set(self.disk.keys()) <= set(self.ever_put) | self.flooded
+
+
+class BudgetedStore(CrowdedStore):
+    """A second namespace, budgeted at two blocks per tier, floods beside the first."""
+
+    memory_blocks = 8
+    disk_blocks = 10
+    flooder_blocks = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store.set_namespace_budgets({FLOODER.id: self.flooder_blocks * BLOCK_BYTES})
+
+    @rule(tokens=st.lists(st.integers(0, 7), min_size=CHUNK, max_size=3 * CHUNK))
+    def flood(self, tokens: list[int]) -> None:
+        assert self.store.flush(timeout=30)
+        room = {
+            tier.name: set(tier.keys())
+            for tier in (self.memory, self.disk)
+            if self._own_bytes(tier) + (self.flooder_blocks + 1) * BLOCK_BYTES
+            <= tier.capacity_bytes
+        }
+        blocks = blocks_of(tokens, FLOODER)
+        self.flooded.update(block.key for block in blocks)
+        self.store.put_many(blocks)
+        assert self.store.flush(timeout=30)
+        for tier in (self.memory, self.disk):
+            if tier.name in room:  # the flooder's puts evicted none of the others' blocks
+                assert room[tier.name] & set(self.ever_put) <= set(tier.keys())
+
+    def _own_bytes(self, tier: MemoryTier | DiskTier) -> int:
+        return tier.namespace_bytes().get(NAMESPACE.id, 0)
+
+    @invariant()
+    def flooder_stays_within_budget(self) -> None:
+        for tier in (self.memory, self.disk):
+            held = tier.namespace_bytes()
+            assert held.get(FLOODER.id, 0) <= self.flooder_blocks * BLOCK_BYTES
+            assert sum(held.values()) == tier.stats().bytes
+            own = set(tier.keys()) & set(self.ever_put)
+            assert held.get(NAMESPACE.id, 0) == len(own) * BLOCK_BYTES
 
 
 TestExactStore = ExactStore.TestCase
 TestExactStore.settings = MACHINE_SETTINGS
 TestCrowdedStore = CrowdedStore.TestCase
 TestCrowdedStore.settings = MACHINE_SETTINGS
+TestBudgetedStore = BudgetedStore.TestCase
+TestBudgetedStore.settings = MACHINE_SETTINGS

@@ -20,11 +20,16 @@ The TOML shape (every table optional)::
     tokens_per_minute = 100000
     max_concurrent = 8
     priority = "high"                # default "standard"
+    store_bytes = "2GiB"             # most of its KV each store tier holds (default: no
+                                     # cap of its own, only the tiers' budgets)
 
 A ``standard`` class (rank 0, max_queue 64, 30 s) is added when the file does not define
 one, so tenants without ``priority`` always have a class. Plaintext keys (``key``,
 ``api_key``, ``keys``) are refused with a hint to ``kvfactory tenants hash-key``; unknown
-fields are errors too, so a typo never silently disables a limit.
+fields are errors too, so a typo never silently disables a limit. ``store_bytes`` (a size
+like the CLI's: ``"2GiB"``, or bytes) reaches the context stores of the gateway's ``kind =
+"engine"`` backends (``TenancyConfig.store_budgets``); a ``kvfactory serve`` backend takes
+the same field from its own config.
 
 Interface: ``parse_tenancy(mapping) -> TenancyConfig``, ``load_tenancy(path)``;
 ``TenancyConfig.admission(clock=..., incidents=..., quotas=None) -> Admission`` and
@@ -43,6 +48,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvfactory.config import parse_size
 from kvfactory.errors import ConfigError
 from kvfactory.extras import require
 from kvfactory.gateway.admission import DEFAULT_PRIORITY, Admission, PriorityClass, TenantLimits
@@ -85,6 +91,7 @@ class _TenantTable(_Strict):
     tokens_per_minute: int | None = Field(None, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
     priority: str = DEFAULT_PRIORITY
+    store_bytes: int | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +101,8 @@ class TenantEntry:
     name: str
     key_sha256: tuple[str, ...]
     limits: TenantLimits
+    store_bytes: int | None = None
+    """The most bytes of its KV each context-store tier holds; ``None``: no cap of its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,14 @@ class TenancyConfig:
 
     def limits(self) -> dict[str, TenantLimits]:
         return {name: entry.limits for name, entry in self.tenants.items()}
+
+    def store_budgets(self) -> dict[str, int]:
+        """Tenant -> ``store_bytes``, for the tenants that set one."""
+        return {
+            name: entry.store_bytes
+            for name, entry in self.tenants.items()
+            if entry.store_bytes is not None
+        }
 
     def hashed_keys(self) -> dict[str, str]:
         """sha256 hex -> tenant, for ``TenantResolver(hashed_keys=...)``."""
@@ -181,6 +198,12 @@ def parse_tenancy(config: Mapping[str, Any]) -> TenancyConfig:
             )
         parsed: _TenantTable = _validated(_TenantTable, f"tenants.{name}", table)
         digests = [parsed.key_sha256] if isinstance(parsed.key_sha256, str) else parsed.key_sha256
+        store_bytes = None
+        if parsed.store_bytes is not None:
+            try:
+                store_bytes = parse_size(parsed.store_bytes)
+            except ConfigError as exc:
+                raise ConfigError(f"[tenants.{name}] store_bytes: {exc}") from None
         tenants[name] = TenantEntry(
             name=name,
             key_sha256=tuple(d.strip().lower() for d in digests),
@@ -190,6 +213,7 @@ def parse_tenancy(config: Mapping[str, Any]) -> TenancyConfig:
                 max_concurrent=parsed.max_concurrent,
                 priority=parsed.priority,
             ),
+            store_bytes=store_bytes,
         )
     owners: dict[str, str] = {}
     for entry in tenants.values():

@@ -23,6 +23,12 @@ process's heap, which holds the same KV as tensors and the prompts as text anywa
 ciphertext there would hide nothing from anyone able to read it and would put a decrypt on
 every hot hit.
 
+Per-namespace budgets (``namespace_budgets``, ``set_namespace_budgets``): the tiers that
+count bytes per namespace (memory, shm, disk) hold at most that many bytes of a namespace
+each, and a put over it evicts that namespace's own blocks, never another's. The store
+gets ``{namespace id: bytes}`` only; which tenant a namespace belongs to and what its
+budget is are the caller's (the engine's) business.
+
 It knows tiers only through ``Tier``; it never sees tensors, engines or HTTP.
 """
 
@@ -30,12 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-from kvfactory._types import DIGEST_SIZE, BlockKey, TokenIds
+from kvfactory._types import DIGEST_SIZE, BlockKey, NamespaceId, TokenIds
 from kvfactory.errors import BlockCorruptError, StoreError
 from kvfactory.store import keys as keying
 from kvfactory.store.block_cipher import BlockCipher
@@ -146,6 +152,7 @@ class ContextStore:
         incidents: IncidentLog | None = None,
         write_queue_blocks: int = 256,
         put_timeout_s: float = 0.05,
+        namespace_budgets: Mapping[NamespaceId, int] | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a ContextStore needs at least one tier")
@@ -178,6 +185,8 @@ class ContextStore:
         hooks = TierHooks(is_pinned=self._pins.is_pinned, on_evict=self._on_evict)
         for tier in self._tiers:
             tier.attach(hooks)
+        if namespace_budgets:
+            self.set_namespace_budgets(namespace_budgets)
         self._writer = TierWriter(
             self._tiers[1:],
             admission=make_admission_policy(admission) if isinstance(admission, str) else admission,
@@ -569,6 +578,36 @@ class ContextStore:
     def _on_evict(self, key: BlockKey, tier: str) -> None:
         self._tombstones.evicted(key, tier)
         self._metrics.evictions.labels(tier).inc()
+
+    # -- per-namespace budgets ------------------------------------------------------------
+
+    def set_namespace_budgets(self, budgets: Mapping[NamespaceId, int | None]) -> None:
+        """Cap the bytes each named namespace holds in every tier that counts them
+        (``None`` lifts a cap; namespaces not named keep theirs). A namespace already over
+        its new cap is trimmed now, from its own blocks. Without a cap a namespace is
+        bounded only by each tier's budget."""
+        self._check_open()
+        for namespace, budget in budgets.items():
+            if len(namespace) != DIGEST_SIZE:
+                raise ValueError("a namespace id is a 32-byte digest")
+            if budget is not None and budget < 0:
+                raise ValueError(f"a namespace budget must be >= 0 bytes, got {budget}")
+        for tier in self._tiers:
+            with contextlib.suppress(*TIER_FAULTS):  # a tier that is down trims when back
+                tier.set_namespace_budgets(budgets)
+
+    def namespace_bytes(self, namespace: NamespaceId) -> dict[str, int]:
+        """Bytes ``namespace`` holds in each tier that counts them, by tier name."""
+        found: dict[str, int] = {}
+        for tier in self._tiers:
+            if not tier.counts_namespaces:
+                continue
+            try:
+                held = tier.namespace_bytes()
+            except TIER_FAULTS:
+                continue
+            found[tier.name] = held.get(namespace, 0)
+        return found
 
     # -- pins ---------------------------------------------------------------------------
 

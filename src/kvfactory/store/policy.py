@@ -74,6 +74,16 @@ def resolve_eviction_policy(policy: EvictionPolicy | str) -> EvictionPolicy:
     return make_eviction_policy(policy) if isinstance(policy, str) else policy
 
 
+def eviction_factory(policy: EvictionPolicy | str) -> Callable[[], EvictionPolicy]:
+    """Makes fresh policies like ``policy`` (by name, or of its class): a tier keeps one
+    per namespace beside its own, to evict inside a namespace over its budget."""
+    if isinstance(policy, str):
+        make_eviction_policy(policy)  # an unknown name fails here, not at the first block
+        return lambda: make_eviction_policy(policy)
+    kind: Callable[[], EvictionPolicy] = type(policy)
+    return kind
+
+
 def make_admission_policy(name: str, **options: Any) -> AdmissionPolicy:
     """A fresh admission policy by registry name, built with ``options``."""
     factory = ADMISSION_POLICIES.get(name)
@@ -93,6 +103,7 @@ __all__ = [
     "AdmissionPolicy",
     "CostModel",
     "EvictionPolicy",
+    "eviction_factory",
     "make_admission_policy",
     "make_eviction_policy",
     "resolve_eviction_policy",

@@ -43,6 +43,7 @@ from kvfactory.engines.hf.scheduler import Scheduler
 from kvfactory.engines.hf.sequence import Sequence as EngineSequence
 from kvfactory.engines.hf.stream import EventChannel, EventStream
 from kvfactory.engines.host_memory import reserve_and_report
+from kvfactory.engines.tenant_budgets import TenantStoreBudgets
 from kvfactory.errors import ConfigError, InvalidRequestError
 from kvfactory.store.keys import Namespace
 from kvfactory.telemetry.incidents import IncidentLog
@@ -101,6 +102,11 @@ class HFEngine:
         )
         self.eos_ids = eos_token_ids(self.runner.model, self.tokenizer)
         self.reuse = self._make_reuse(store)
+        self._store_budgets = (
+            TenantStoreBudgets(store, settings.tenant_store_bytes)
+            if self.reuse is not None and store is not None and settings.tenant_store_bytes
+            else None
+        )
         self.scheduler = Scheduler(
             self.runner,
             eos_ids=self.eos_ids,
@@ -197,6 +203,8 @@ class HFEngine:
             if self.reuse is not None
             else None
         )
+        if namespace is not None and self._store_budgets is not None:
+            self._store_budgets.register(namespace)  # before any of its blocks is stored
         return EngineSequence(
             request=request,
             channel=EventChannel(),

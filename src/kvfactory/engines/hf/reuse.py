@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvfactory._types import BlockKey, TokenIds
+from kvfactory._types import BlockKey, NamespaceId, TokenIds
 from kvfactory.engines.hf.kv_blocks import BlockCodec, LayerKV
 from kvfactory.errors import BlockCorruptError
 from kvfactory.store.codec import KVBlock
@@ -63,6 +63,7 @@ class ContextStoreLike(Protocol):
     def put_many(self, blocks: Iterable[KVBlock]) -> None: ...
     def pin(self, keys: Iterable[BlockKey], owner: str) -> None: ...
     def flush(self, timeout: float | None = None) -> bool: ...
+    def set_namespace_budgets(self, budgets: Mapping[NamespaceId, int | None]) -> None: ...
 
 
 @dataclass(slots=True)

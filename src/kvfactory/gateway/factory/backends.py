@@ -157,6 +157,7 @@ class Backends(Mapping[str, Backend]):
         """The backends of ``config``; ``kind = "engine"`` ones are opened with
         ``open_engine`` (weights load here), or left out with ``skip_engines``."""
         source = os.environ if env is None else env
+        store_budgets = config.tenancy().store_budgets() if config.tenants else {}
         built: dict[str, Backend] = {}
         try:
             for name, backend in config.backends.items():
@@ -170,6 +171,7 @@ class Backends(Mapping[str, Backend]):
                         open_engine,
                         metrics=metrics if metrics is not None else Metrics(),
                         incidents=incidents if incidents is not None else IncidentLog(None),
+                        store_budgets=store_budgets,
                     )
                 try:
                     built[name] = Backend(name, backend, clock=clock, env=source, host=host)

@@ -223,13 +223,20 @@ class InProcessEngine:
         *,
         metrics: Metrics,
         incidents: IncidentLog,
+        store_budgets: Mapping[str, int] | None = None,
     ) -> InProcessEngine:
+        """Open the backend's engine through ``opener``. ``store_budgets`` (the tenants'
+        ``store_bytes``) become the engine's ``tenant_store_bytes`` unless its ``engine``
+        table sets them itself."""
         if opener is None:
             raise ConfigError(
                 f'backends.{name}: kind = "engine" needs the embedded engine, which this '
                 "process cannot build (run it with `kvfactory gateway`)"
             )
-        spec = EngineSpec(name, config.model, config.engine, metrics, incidents)
+        settings = dict(config.engine)
+        if store_budgets:
+            settings.setdefault("tenant_store_bytes", dict(store_budgets))
+        spec = EngineSpec(name, config.model, settings, metrics, incidents)
         hosted = opener(spec)
         try:
             served = hosted.engine.model_name

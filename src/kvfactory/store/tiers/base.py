@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvfactory._types import BlockKey
+from kvfactory._types import BlockKey, NamespaceId
 
 BlockBytes = bytes | memoryview
 """An encoded block as tiers return and accept it; read-only either way."""
@@ -67,6 +67,8 @@ class Tier(ABC):
     """Whether the store verifies checksums of bytes read here (all tiers but memory)."""
     outlives_process: bool = True
     """Whether its blocks are still there after this process exits (all tiers but memory)."""
+    counts_namespaces: bool = False
+    """Whether it counts bytes per namespace and honours namespace budgets (memory, disk)."""
 
     def __init__(self) -> None:
         self.hooks = TierHooks()
@@ -105,6 +107,17 @@ class Tier(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most tiers hold nothing to release
         """Release resources; the tier must not be used afterwards."""
+
+    def set_namespace_budgets(self, budgets: Mapping[NamespaceId, int | None]) -> None:  # noqa: B027
+        """Cap the bytes each named namespace may hold here (``None`` lifts a cap); a
+        namespace already over its new cap is trimmed now, from its own blocks.
+
+        The default keeps no per-namespace accounting: a tier shared by many processes
+        (Redis) is bounded by its server's own memory policy instead."""
+
+    def namespace_bytes(self) -> dict[bytes, int]:
+        """Bytes held per namespace (empty for a tier that does not count them)."""
+        return {}
 
     def contains_many(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [self.contains(key) for key in keys]

@@ -2,7 +2,7 @@
 
 A block is ``<folder>/<first two hex digits>/<key hex>.kvb``; a put in progress is
 ``.<key hex>.<pid>.<n>.tmp`` beside it. These helpers know file names and the block
-header's chain position, nothing of indexes, budgets or eviction (``disk.DiskTier``).
+header's chain position and namespace, nothing of indexes, budgets or eviction (``disk.DiskTier``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class FoundBlock:
     mtime_ns: int
     chunk_index: int
     parent: bytes
+    namespace: bytes
+    """The namespace in the block's header: a reopened tier rebuilds its per-namespace
+    accounting (tenant budgets) from it."""
 
 
 def read_block_file(path: Path, size: int) -> BlockBytes:
@@ -79,13 +82,14 @@ def key_of(folder: str, name: str) -> BlockKey | None:
 
 
 def inspect_block(key: BlockKey, path: Path) -> FoundBlock | None:
-    """Size, mtime and chain position of a block file; ``None`` if absent or unreadable."""
+    """Size, mtime, chain position and namespace of a block file; ``None`` if absent or
+    unreadable."""
     try:
         stat = os.stat(path)
-        chunk_index, parent = read_chain_position(path)
+        chunk_index, parent, namespace = read_chain_position(path)
     except (OSError, ValueError, BlockFormatError):
         return None
-    return FoundBlock(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent)
+    return FoundBlock(key, stat.st_size, stat.st_mtime_ns, chunk_index, parent, namespace)
 
 
 def is_leftover(entry: os.DirEntry[str]) -> bool:
@@ -116,14 +120,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def read_chain_position(path: Path) -> tuple[int, bytes]:
-    """Chunk index and parent from a block file's header, without reading its payload."""
+def read_chain_position(path: Path) -> tuple[int, bytes, bytes]:
+    """Chunk index, parent and namespace from a block file's header, without reading its
+    payload."""
     with open(path, "rb") as file:
         # Not a context manager: a parse error's traceback still holds views of the map,
         # and closing it then would raise; the map is unmapped when the last view goes.
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     header = peek_header(memoryview(mapped))
-    return header.chunk_index, header.parent
+    return header.chunk_index, header.parent, header.namespace
 
 
 def unlink(path: Path) -> bool:

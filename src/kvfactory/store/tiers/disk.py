@@ -21,6 +21,11 @@ its own byte budget over the files it knows (its own and those it adopted), so l
 processes together may hold up to the sum of their budgets; a process opening the
 directory counts every file in it and trims to its budget. Recency is each process's own,
 rebuilt from the shared mtimes at open.
+
+Bytes are also counted per namespace (``NamespaceBook``), rebuilt at open from the block
+headers: a put that takes its block's namespace over a budget set with
+``set_namespace_budgets`` first evicts that namespace's own files, then the tier-wide
+budget applies as before.
 """
 
 from __future__ import annotations
@@ -29,15 +34,20 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvfactory._types import BlockKey
+from kvfactory._types import BlockKey, NamespaceId
 from kvfactory.errors import StoreError
 from kvfactory.private_files import DIR_MODE, FILE_MODE, make_private_dir
 from kvfactory.store.codec import peek_header
-from kvfactory.store.policy import DEFAULT_EVICTION, EvictionPolicy, resolve_eviction_policy
+from kvfactory.store.policy import (
+    DEFAULT_EVICTION,
+    EvictionPolicy,
+    eviction_factory,
+    resolve_eviction_policy,
+)
 from kvfactory.store.tiers.base import BlockBytes, Tier, TierStats, TransferCost
 from kvfactory.store.tiers.block_files import (
     BLOCK_SUFFIX,
@@ -49,6 +59,7 @@ from kvfactory.store.tiers.block_files import (
     read_block_file,
     unlink,
 )
+from kvfactory.store.tiers.namespace_book import NamespaceBook
 
 DEFAULT_DISK_READ_COST = TransferCost(latency_s=1e-4, bytes_per_s=1.5e9)
 _FADV_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)  # not on macOS
@@ -63,12 +74,14 @@ class _Staged:
     size: int
     chunk_index: int
     parent: bytes
+    namespace: bytes
 
 
 class DiskTier(Tier):
     """Blocks as files under ``directory``, bounded by ``capacity_bytes``."""
 
     verify_on_read = True
+    counts_namespaces = True
 
     def __init__(
         self,
@@ -89,6 +102,7 @@ class DiskTier(Tier):
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self._policy = resolve_eviction_policy(eviction)
+        self._namespaces = NamespaceBook(eviction_factory(eviction))
         self._read_cost = read_cost
         self._sizes: dict[BlockKey, int] = {}
         self._bytes = 0
@@ -105,6 +119,13 @@ class DiskTier(Tier):
     # ----------------------------------------------------------------- open / rebuild
 
     def _open(self) -> None:
+        """Index every block file, oldest first, into the tier's policy and the
+        per-namespace book.
+
+        NOTE: per-namespace bytes come from the files' headers, never from a count kept
+        elsewhere, so they equal the index's after any crash; budgets are not stored
+        (whoever opens the tier sets them again, and an over-budget namespace is trimmed
+        then)."""
         try:
             make_private_dir(self.directory)  # owner-only: blocks are users' prompts' KV
             found = self._scan()
@@ -115,6 +136,9 @@ class DiskTier(Tier):
             self._sizes[block.key] = block.size
             self._bytes += block.size
             self._policy.on_insert(block.key, block.size, block.chunk_index, block.parent)
+            self._namespaces.insert(
+                block.key, block.namespace, block.size, block.chunk_index, block.parent
+            )
             self._last_stamp_ns = max(self._last_stamp_ns, block.mtime_ns)
         over: list[BlockKey] = []
         self._evict_locked(over)  # a smaller budget than last time: trim now
@@ -167,6 +191,9 @@ class DiskTier(Tier):
                 size = self._sizes[key] = found.size
                 self._bytes += found.size
                 self._policy.on_insert(key, found.size, found.chunk_index, found.parent)
+                self._namespaces.insert(
+                    key, found.namespace, found.size, found.chunk_index, found.parent
+                )
                 self._last_stamp_ns = max(self._last_stamp_ns, found.mtime_ns)
                 self._evict_locked(evicted)
                 if key not in self._sizes:
@@ -185,6 +212,7 @@ class DiskTier(Tier):
                 del self._sizes[key]
                 self._bytes -= size
                 self._policy.on_remove(key)
+                self._namespaces.remove(key)
 
     # --------------------------------------------------------------------- reading
 
@@ -221,6 +249,7 @@ class DiskTier(Tier):
                 self._misses += 1
                 return None
             self._policy.on_access(key)
+            self._namespaces.access(key)
             stamp = self._next_stamp()
         path = self.path_of(key)
         try:
@@ -275,10 +304,12 @@ class DiskTier(Tier):
         staged: list[_Staged | None] = []
         try:
             for key, data, header in pending:
-                if len(data) > self.capacity_bytes:
+                if len(data) > self.capacity_bytes or not self._fits(header.namespace, len(data)):
                     staged.append(None)
                     continue
-                staged.append(self._write_temp(key, data, header.chunk_index, header.parent))
+                staged.append(
+                    self._write_temp(key, data, header.chunk_index, header.parent, header.namespace)
+                )
         except BaseException:
             for item in staged:
                 if item is not None:
@@ -310,8 +341,12 @@ class DiskTier(Tier):
             on_evict(key, self.name)
         return [item is not None for item in staged]
 
+    def _fits(self, namespace: bytes, size: int) -> bool:
+        with self._lock:
+            return self._namespaces.fits(namespace, size)
+
     def _write_temp(
-        self, key: BlockKey, data: BlockBytes, chunk_index: int, parent: bytes
+        self, key: BlockKey, data: BlockBytes, chunk_index: int, parent: bytes, namespace: bytes
     ) -> _Staged:
         with self._lock:
             stamp = self._next_stamp()
@@ -337,19 +372,26 @@ class DiskTier(Tier):
         except OSError as exc:
             unlink(temp)
             raise StoreError(f"disk tier write of {final.name} failed: {exc}") from exc
-        return _Staged(key, temp, len(data), chunk_index, parent)
+        return _Staged(key, temp, len(data), chunk_index, parent, namespace)
 
     def _install_locked(self, item: _Staged, evicted: list[BlockKey]) -> bool:
-        """Rename a staged block into place unless the policy picks it as its own victim."""
+        """Rename a staged block into place unless a policy picks it as its own victim:
+        first its namespace's (over its budget), then the tier's (over the tier's).
+
+        NOTE: the namespace step evicts only blocks of the newcomer's namespace, so a
+        tenant over its budget never costs another tenant a file."""
         if item.key in self._sizes:
             self._bytes -= self._sizes.pop(item.key)
             self._policy.on_remove(item.key)
         self._sizes[item.key] = item.size
         self._bytes += item.size
         self._policy.on_insert(item.key, item.size, item.chunk_index, item.parent)
+        self._namespaces.insert(item.key, item.namespace, item.size, item.chunk_index, item.parent)
         # The victims' files go before the newcomer's appears, so the folder never holds
         # more than the budget; a declined newcomer's temp file is simply dropped.
-        self._evict_locked(evicted, declined=item.key)
+        self._trim_namespace_locked(item.namespace, evicted, declined=item.key)
+        if item.key in self._sizes:
+            self._evict_locked(evicted, declined=item.key)
         if item.key not in self._sizes:
             unlink(item.temp)
             unlink(self.path_of(item.key))  # an older copy of the same key, if any
@@ -362,13 +404,47 @@ class DiskTier(Tier):
         while self._sizes and self._bytes > self.capacity_bytes:
             victim = self._policy.choose_victim(is_pinned)
             if victim == declined and victim is not None:
-                self._bytes -= self._sizes.pop(victim)
-                self._policy.on_remove(victim)
+                self._decline_locked(victim)
                 return
             if victim is None or not self._remove_locked(victim):
                 raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
             self._evictions += 1
             evicted.append(victim)
+
+    def _trim_namespace_locked(
+        self, namespace: bytes, evicted: list[BlockKey], declined: BlockKey | None = None
+    ) -> None:
+        """Evict ``namespace``'s own blocks until it is within its budget (a ``declined``
+        newcomer chosen as victim leaves the index only: its file is not in place yet)."""
+        is_pinned = self.hooks.is_pinned
+        while self._namespaces.over_budget(namespace):
+            victim = self._namespaces.victim(namespace, is_pinned)
+            if victim == declined and victim is not None:
+                self._decline_locked(victim)
+                return
+            if victim is None or not self._remove_locked(victim):
+                raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
+            self._evictions += 1
+            evicted.append(victim)
+
+    def _decline_locked(self, key: BlockKey) -> None:
+        self._bytes -= self._sizes.pop(key)
+        self._policy.on_remove(key)
+        self._namespaces.remove(key)
+
+    def set_namespace_budgets(self, budgets: Mapping[NamespaceId, int | None]) -> None:
+        evicted: list[BlockKey] = []
+        with self._lock:
+            self._check_open()
+            for namespace in self._namespaces.set_budgets(budgets):
+                self._trim_namespace_locked(namespace, evicted)
+        on_evict = self.hooks.on_evict
+        for key in evicted:
+            on_evict(key, self.name)
+
+    def namespace_bytes(self) -> dict[bytes, int]:
+        with self._lock:
+            return self._namespaces.bytes_by_namespace()
 
     def _remove_locked(self, key: BlockKey) -> bool:
         """Drop ``key`` from the index and its file from the directory (a file another
@@ -377,6 +453,7 @@ class DiskTier(Tier):
         if size is not None:
             self._bytes -= size
             self._policy.on_remove(key)
+            self._namespaces.remove(key)
         return unlink(self.path_of(key)) or size is not None
 
     def delete(self, key: BlockKey) -> bool:
