@@ -12,7 +12,6 @@ import torch
 
 from kvfactory.engines.base import SamplingParams
 
-
 SEED_MODULUS = 1 << 64
 
 
