@@ -34,7 +34,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from kvfactory._types import BlockKey, NamespaceId
 from kvfactory.errors import StoreError
 from kvfactory.private_files import DIR_MODE, FILE_MODE, make_private_dir
 from kvfactory.store.codec import peek_header
+from kvfactory.store.eviction import IsPinned
 from kvfactory.store.policy import (
     DEFAULT_EVICTION,
     EvictionPolicy,
@@ -400,25 +401,37 @@ class DiskTier(Tier):
         return True
 
     def _evict_locked(self, evicted: list[BlockKey], declined: BlockKey | None = None) -> None:
-        is_pinned = self.hooks.is_pinned
-        while self._sizes and self._bytes > self.capacity_bytes:
-            victim = self._policy.choose_victim(is_pinned)
-            if victim == declined and victim is not None:
-                self._decline_locked(victim)
-                return
-            if victim is None or not self._remove_locked(victim):
-                raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
-            self._evictions += 1
-            evicted.append(victim)
+        self._evict_while(
+            lambda: bool(self._sizes) and self._bytes > self.capacity_bytes,
+            self._policy.choose_victim,
+            evicted,
+            declined,
+        )
 
     def _trim_namespace_locked(
         self, namespace: bytes, evicted: list[BlockKey], declined: BlockKey | None = None
     ) -> None:
         """Evict ``namespace``'s own blocks until it is within its budget (a ``declined``
         newcomer chosen as victim leaves the index only: its file is not in place yet)."""
+        self._evict_while(
+            lambda: self._namespaces.over_budget(namespace),
+            lambda is_pinned: self._namespaces.victim(namespace, is_pinned),
+            evicted,
+            declined,
+        )
+
+    def _evict_while(
+        self,
+        over: Callable[[], bool],
+        choose: Callable[[IsPinned], BlockKey | None],
+        evicted: list[BlockKey],
+        declined: BlockKey | None,
+    ) -> None:
+        """Evict ``choose``'s victims while ``over()``; a ``declined`` newcomer chosen as
+        victim leaves the index only (its file is not in place yet) and ends the loop."""
         is_pinned = self.hooks.is_pinned
-        while self._namespaces.over_budget(namespace):
-            victim = self._namespaces.victim(namespace, is_pinned)
+        while over():
+            victim = choose(is_pinned)
             if victim == declined and victim is not None:
                 self._decline_locked(victim)
                 return

@@ -13,11 +13,12 @@ lock held (it must not call back into this tier), ``hooks.on_evict`` after relea
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from kvfactory._types import BlockKey, NamespaceId
 from kvfactory.errors import StoreError
 from kvfactory.store.codec import BlockHeader, peek_header
+from kvfactory.store.eviction import IsPinned
 from kvfactory.store.policy import (
     DEFAULT_EVICTION,
     EvictionPolicy,
@@ -132,25 +133,34 @@ class MemoryTier(Tier):
         # (e.g. a block whose parent is gone), and then the put is declined.
         if not self._trim_namespace_locked(header.namespace, evicted, newcomer=key):
             return False
-        is_pinned = self.hooks.is_pinned
-        while self._bytes > self.capacity_bytes:
-            victim = self._policy.choose_victim(is_pinned)
-            if victim is None or not self._remove_locked(victim):
-                raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
-            if victim == key:
-                return False
-            self._evictions += 1
-            evicted.append(victim)
-        return True
+        return self._evict_while(
+            lambda: self._bytes > self.capacity_bytes, self._policy.choose_victim, evicted, key
+        )
 
     def _trim_namespace_locked(
         self, namespace: bytes, evicted: list[BlockKey], newcomer: BlockKey | None = None
     ) -> bool:
         """Evict ``namespace``'s own blocks until it is within its budget; ``False`` when
         the newcomer itself was the one to go."""
+        return self._evict_while(
+            lambda: self._namespaces.over_budget(namespace),
+            lambda is_pinned: self._namespaces.victim(namespace, is_pinned),
+            evicted,
+            newcomer,
+        )
+
+    def _evict_while(
+        self,
+        over: Callable[[], bool],
+        choose: Callable[[IsPinned], BlockKey | None],
+        evicted: list[BlockKey],
+        newcomer: BlockKey | None,
+    ) -> bool:
+        """Evict ``choose``'s victims while ``over()``; ``False`` when the newcomer itself
+        was chosen (the put is declined), else ``True``."""
         is_pinned = self.hooks.is_pinned
-        while self._namespaces.over_budget(namespace):
-            victim = self._namespaces.victim(namespace, is_pinned)
+        while over():
+            victim = choose(is_pinned)
             if victim is None or not self._remove_locked(victim):
                 raise StoreError(f"eviction policy of tier {self.name!r} lost track of blocks")
             if victim == newcomer:
