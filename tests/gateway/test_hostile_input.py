@@ -9,60 +9,27 @@ one server for the module, as in ``test_openai_api``. Liveness is judged by coun
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-
-from kvfactory.bench.servers import ServerStartError, running_server
+from serve_process import MODEL, Server, embedded_server
 
 pytestmark = pytest.mark.slow
 
-MODEL = "SmolLM2-135M-Instruct"
-STARTUP_TIMEOUT_S = 300.0
 MAX_REQUEST_BYTES = 4 << 20  # the default of --max-request-bytes
 LIVENESS_TIMEOUT_S = 10.0
 """Generous: /healthz answers in milliseconds; the old server stalled 30+ s on 30 MB."""
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    log: Path
-
-    @property
-    def v1(self) -> str:
-        return self.base_url + "/v1"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("hostile")
-    log = workdir / "server.log"
-    env = {
-        **os.environ,
-        "KVFACTORY_SERVER_SECRET": "test-secret",
-        "KVFACTORY_SESSIONS_URL": str(workdir / "sessions.db"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    flags = [
-        "--store-dir", str(workdir / "store"), "--memory-bytes", "256MiB",
-        "--disk-bytes", "512MiB", "--log-level", "warning",
-    ]  # fmt: skip
-    try:
-        with running_server(
-            flags, log=log, env=env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=60
-        ) as base:
-            yield Server(base, log)
-    except ServerStartError as exc:
-        pytest.fail(str(exc))
+    with embedded_server(tmp_path_factory.mktemp("hostile")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

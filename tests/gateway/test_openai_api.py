@@ -8,7 +8,6 @@ outputs are deterministic and can be compared across calls.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,48 +15,20 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-
-from kvfactory.bench.servers import ServerStartError, running_server
+from serve_process import MODEL, Server, embedded_server
 
 pytestmark = pytest.mark.slow
-
-MODEL = "SmolLM2-135M-Instruct"
-STARTUP_TIMEOUT_S = 300.0  # first use converts the bundled GGUF (~30 s) besides loading
-
-
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    log: Path
-
-    @property
-    def v1(self) -> str:
-        return self.base_url + "/v1"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("server")
-    log = workdir / "server.log"
-    env = {**os.environ, "KVFACTORY_SERVER_SECRET": "test-secret", "HF_HUB_OFFLINE": "1"}
-    flags = [
-        "--store-dir", str(workdir / "store"), "--memory-bytes", "256MiB",
-        "--disk-bytes", "512MiB", "--log-level", "warning",
-    ]  # fmt: skip
-    try:
-        with running_server(
-            flags, log=log, env=env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=60
-        ) as base:
-            yield Server(base, log)
-    except ServerStartError as exc:
-        pytest.fail(str(exc))
+    with embedded_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
