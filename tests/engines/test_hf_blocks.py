@@ -77,7 +77,7 @@ def test_fingerprint_layout_and_digest_cache(tiny_model_dir: Path, tmp_path: Pat
     fingerprint = build_fingerprint(tiny_model_dir, dtype="float32", chunk_tokens=CHUNK)
     assert (
         fingerprint.kv_layout
-        == "hf:llama:L2:kvh2:hd16:[layers,2,kv_heads,tokens,head_dim]:attn=sdpa"
+        == "hf:llama:L2:kvh2:hd16:[layers,2,kv_heads,tokens,head_dim]:attn=sdpa:device=cpu"
     )
     cache_file = tmp_path / "fp.json"
     first = file_digests(tiny_model_dir, cache_file)

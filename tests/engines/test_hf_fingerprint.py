@@ -130,6 +130,9 @@ VARIATIONS: dict[str, Variation] = {
         m, dtype="float32", chunk_tokens=CHUNK, format_version=FORMAT_VERSION + 1
     ),
     "dtype": lambda m: build_fingerprint(m, dtype="bfloat16", chunk_tokens=CHUNK),
+    "device-cuda": lambda m: build_fingerprint(
+        m, dtype="float32", chunk_tokens=CHUNK, device_type="cuda"
+    ),
 }
 
 
@@ -138,7 +141,7 @@ def test_every_fingerprint_input_is_its_own_namespace(
     filled: tuple[Settings, Path], prompt: list[int], name: str
 ) -> None:
     """The engine's choices that no setting exposes (attention implementation, block format
-    version) looked up in the store the engine filled: 0 hits unless all are the same."""
+    version, device type: what a CUDA engine sharing the tier would compute) looked up in the store the engine filled: 0 hits unless all are the same."""
     settings, model = filled
     fingerprint = VARIATIONS[name](model)
     store = open_store(settings)
@@ -155,7 +158,7 @@ def test_the_engine_fingerprint_names_its_attention_and_equals_the_weight_free_o
     engine = HFEngine(tiny_model_dir, settings=engine_settings(tmp_path, tmp_path / "store"))
     try:
         assert engine.runner.attn_implementation == "sdpa"
-        assert engine.fingerprint.kv_layout.endswith(":attn=sdpa")
+        assert engine.fingerprint.kv_layout.endswith(":attn=sdpa:device=cpu")
         assert engine.fingerprint.format_version == FORMAT_VERSION
         assert engine.fingerprint == build_fingerprint(
             tiny_model_dir, dtype="float32", chunk_tokens=CHUNK

@@ -98,6 +98,7 @@ class HFEngine:
             dtype=dtype_name(dtype),
             chunk_tokens=settings.chunk_tokens,
             attn_implementation=self.runner.attn_implementation,
+            device_type=device.type,
             cache_file=fingerprint_cache_file(settings.models_dir, model_dir),
         )
         self.eos_ids = eos_token_ids(self.runner.model, self.tokenizer)

@@ -237,6 +237,7 @@ def build_fingerprint(
     dtype: str,
     chunk_tokens: int,
     attn_implementation: str | None = None,
+    device_type: str = "cpu",
     cache_file: Path | None = None,
     format_version: int = FORMAT_VERSION,
 ) -> ModelFingerprint:
@@ -245,8 +246,9 @@ def build_fingerprint(
 
     Fields: ``weights_digest`` is ``FileDigests.model_digest`` (weights + canonical
     ``config.json``), ``tokenizer_digest`` the tokenizer files, ``kv_layout`` the geometry,
-    axis order and attention implementation (``...:[layers,2,kv_heads,tokens,head_dim]:
-    attn=sdpa``), then dtype, chunk size and the block format version. A store filled before
+    axis order, attention implementation and device type (``...:[layers,2,kv_heads,tokens,
+    head_dim]:attn=sdpa:device=cpu``: CPU and CUDA kernels do not compute bit-identical KV,
+    so engines on both sharing a remote tier must not trade blocks), then dtype, chunk size and the block format version. A store filled before
     config.json and the attention implementation were part of the fingerprint is in another
     namespace: it simply stops hitting and is refilled (its blocks age out by eviction).
     """
@@ -256,7 +258,7 @@ def build_fingerprint(
     return ModelFingerprint(
         weights_digest=digests.model_digest(),
         tokenizer_digest=digests.tokenizer,
-        kv_layout=f"{geometry.layout()}:attn={attention}",
+        kv_layout=f"{geometry.layout()}:attn={attention}:device={device_type}",
         dtype=dtype,
         chunk_tokens=chunk_tokens,
         format_version=format_version,
@@ -267,10 +269,12 @@ def load_fingerprint(settings: Settings) -> ModelFingerprint:
     """The fingerprint the engine would serve with under ``settings``; loads no weights
     (the default model is converted first if it never was)."""
     model_dir = resolve_model_dir(settings)
-    compute_dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    compute_dtype = resolve_dtype(settings.dtype, device)
     return build_fingerprint(
         model_dir,
         dtype=dtype_name(compute_dtype),
+        device_type=device.type,
         chunk_tokens=settings.chunk_tokens,
         cache_file=fingerprint_cache_file(settings.models_dir, model_dir),
     )
