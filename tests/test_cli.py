@@ -197,3 +197,41 @@ def test_store_explain_finds_the_prefix_stored_for_the_real_tokenizer(
 
     assert main([*base, "--tenant-salt", b"another tenant".hex()]) == 0
     assert "cached prefix on disk: 0 tokens" in capsys.readouterr().out
+
+
+def test_serve_refuses_an_anonymous_server_off_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without API keys every client is the one anonymous tenant (its sessions, its KV):
+    fine on loopback, refused on another interface unless asked for explicitly."""
+    monkeypatch.setenv("KVFACTORY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KVFACTORY_API_KEYS", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "9"]) == 2
+    assert "refusing to serve without API keys on 0.0.0.0" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "store").exists()  # nothing was opened
+
+
+@pytest.mark.parametrize(
+    ("host", "keyed", "allow", "refused"),
+    [
+        ("127.0.0.1", False, False, False),
+        ("::1", False, False, False),
+        ("localhost", False, False, False),
+        ("0.0.0.0", False, False, True),
+        ("10.1.2.3", False, False, True),
+        ("myhost.example", False, False, True),
+        ("0.0.0.0", True, False, False),
+        ("0.0.0.0", False, True, False),
+    ],
+)
+def test_which_servers_count_as_anonymously_exposed(
+    host: str, keyed: bool, allow: bool, refused: bool
+) -> None:
+    from kvfactory.cli import refuse_anonymous_exposure
+
+    settings = Settings(host=host, allow_anonymous=allow)
+    if refused:
+        with pytest.raises(ConfigError, match="refusing to serve without API keys"):
+            refuse_anonymous_exposure(settings, keyed=keyed)
+    else:
+        refuse_anonymous_exposure(settings, keyed=keyed)

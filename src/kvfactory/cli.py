@@ -11,6 +11,7 @@ This module holds no logic the server needs: everything it calls is importable e
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -236,6 +237,13 @@ def serve(
         str | None,
         typer.Option(help="Largest request body, e.g. 4MiB (a larger one is refused, 413)."),
     ] = None,
+    allow_anonymous: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-anonymous",
+            help="Serve without API keys on a non-loopback --host (refused otherwise).",
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -258,6 +266,7 @@ def serve(
             "exact_prefill": exact,
             "engine": engine,
             "trusted_gateway_key_env": trusted_gateway_key_env,
+            "allow_anonymous": allow_anonymous,
             "max_request_bytes": max_request_bytes,
             "log_level": log_level,
         },
@@ -318,6 +327,28 @@ def _engine_kind(settings: Settings) -> EngineKind:
     return kind
 
 
+def refuse_anonymous_exposure(settings: Settings, *, keyed: bool) -> None:
+    """A server without API keys (or a trusted gateway in front) has one anonymous
+    tenant: whoever reaches it reads that tenant's sessions and reuses its KV. That is the
+    intended single-user setup on loopback; on any other interface it needs
+    ``--allow-anonymous``, so nobody exposes it by changing ``--host`` alone."""
+    if keyed or settings.allow_anonymous or _is_loopback(settings.host):
+        return
+    raise ConfigError(
+        f"refusing to serve without API keys on {settings.host}: set KVFACTORY_API_KEYS, "
+        "put a factory gateway in front (--trusted-gateway-key-env), or pass --allow-anonymous"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def run_server(settings: Settings) -> None:
     """Wire store, engine and gateway for ``settings`` and serve until interrupted."""
     import uvicorn
@@ -333,14 +364,15 @@ def run_server(settings: Settings) -> None:
     console = _stderr()
     _configure_logging(settings.log_level, console)
     log = logging.getLogger("kvfactory.serve")
-    metrics = Metrics()
-    incidents = open_incident_log(settings.resolved_incidents_url, settings.incidents_file)
-    if settings.resolved_incidents_url is not None:
-        log.info("incident log in %s", redacted_url(settings.resolved_incidents_url))
     trusted = None
     if settings.trusted_gateway_key_env:
         trusted = TrustedGateway(key_from_env(settings.trusted_gateway_key_env))
     tenants = TenantResolver.from_env(settings.home, trusted=trusted)
+    refuse_anonymous_exposure(settings, keyed=tenants.requires_key or trusted is not None)
+    metrics = Metrics()
+    incidents = open_incident_log(settings.resolved_incidents_url, settings.incidents_file)
+    if settings.resolved_incidents_url is not None:
+        log.info("incident log in %s", redacted_url(settings.resolved_incidents_url))
     if trusted is not None:
         log.info(
             "trusting X-KVFactory-Tenant headers signed with the key in $%s",

@@ -138,6 +138,11 @@ class Settings(BaseModel):
         "holds; a put over it evicts that tenant's own blocks; a tenant not named is bounded "
         "only by the tier budgets ([tenants.NAME] store_bytes, or 'team-a=2GiB,team-b=1GiB')",
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="serve without API keys on an interface other than loopback: anyone who "
+        "reaches it uses the one anonymous tenant, its KV and its sessions",
+    )
     store_encryption: bool = Field(
         default=False,
         description="encrypt KV blocks at rest on the shm, disk and remote tiers (AES-256-GCM, "
