@@ -21,7 +21,7 @@ from kvfactory.gateway.errors import APIError
 from kvfactory.gateway.factory.affinity import PrefixIndex, prefix_digests
 from kvfactory.gateway.factory.backends import Backends
 from kvfactory.gateway.factory.config import BackendConfig, load_config, parse_config
-from kvfactory.gateway.factory.failures import Blame, Failure
+from kvfactory.gateway.factory.failures import Blame, Failure, exhausted
 from kvfactory.gateway.factory.health import CircuitBreaker, CircuitState
 from kvfactory.gateway.factory.hostile import suspicion
 from kvfactory.gateway.factory.isolation import isolation_for
@@ -474,3 +474,16 @@ def test_prefix_digests_have_a_root_per_tenant() -> None:
     index = PrefixIndex(100)
     index.remember(a, "warm", cached_tokens=8)
     assert index.affinity(a) == {"warm": 1.0} and index.affinity(b) == {}
+
+
+def test_an_exhausted_chain_names_backends_only_to_a_keyless_gateway() -> None:
+    failures = [
+        Failure("alpha", "http_503", "upstream said: db-7.internal down", status=503),
+        Failure("beta", "connect_error", "cannot connect (http://10.0.0.8:9000)"),
+    ]
+    detailed = exhausted("smol", failures, detailed=True)
+    assert "alpha" in detailed.message and "10.0.0.8" in detailed.message
+    quiet = exhausted("smol", failures, detailed=False)
+    assert quiet.status_code == 503
+    for secret in ("alpha", "beta", "db-7", "10.0.0.8", "upstream"):
+        assert secret not in quiet.message

@@ -153,10 +153,13 @@ class Dispatcher:
         sinks: Sequence[FinishSink] = (),
         default_strategy: str = DEFAULT_STRATEGY,
         cap_per_tenant: bool = False,
+        expose_backends: bool = True,
     ):
         """``cap_per_tenant``: ambiguous failures (500s) count per tenant, capped, so one
-        tenant cannot open a circuit for the others (on when tenants are configured)."""
+        tenant cannot open a circuit for the others (on when tenants are configured).
+        ``expose_backends``: errors may name backends and quote them (off with tenants)."""
         self.cap_per_tenant = cap_per_tenant
+        self.expose_backends = expose_backends
         self.backends = backends
         self.routes = routes
         self.router = router
@@ -183,7 +186,7 @@ class Dispatcher:
         if attempted:
             self._record_fallback(call, attempted, served)
         if served is None:
-            raise exhausted(call.model, failures)
+            raise exhausted(call.model, failures, detailed=self.expose_backends)
         served.fallbacks = tuple(attempted)
         if served.degraded is not None:
             self.incidents.record(

@@ -152,8 +152,11 @@ def classify_exception(backend: Any, exc: httpx.HTTPError) -> Failure:
     return Failure(backend.name, "transport_error", f"{type(exc).__name__}: {exc}")
 
 
-def exhausted(model: str, failures: Sequence[Failure]) -> APIError:
-    """One error for a chain where no backend could serve."""
+def exhausted(model: str, failures: Sequence[Failure], *, detailed: bool = True) -> APIError:
+    """One error for a chain where no backend could serve. ``detailed`` names each backend
+    and what it answered: only for a keyless, single-tenant gateway; with tenants the
+    message says nothing about backends or upstream errors (the incident log, which only
+    the admin reads, keeps them)."""
     attempted = [f for f in failures if f.attempted]
     if attempted and all(f.status == 429 for f in attempted):
         seconds = max((f.retry_after_s or DEFAULT_RETRY_AFTER_S) for f in attempted)
@@ -168,7 +171,9 @@ def exhausted(model: str, failures: Sequence[Failure]) -> APIError:
     summary = "; ".join(f"{f.backend}: {f.detail}" for f in failures) or "no backend configured"
     return APIError(
         503,
-        f"No backend could serve '{model}' ({summary}).",
+        f"No backend could serve '{model}' ({summary})."
+        if detailed
+        else f"No backend could serve '{model}' right now; retry shortly.",
         type="server_error",
         code="backends_unavailable",
         headers={"Retry-After": "1"},

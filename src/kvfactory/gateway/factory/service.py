@@ -132,6 +132,7 @@ class Factory:
             sinks=(self.metrics.sink, *sinks),
             default_strategy=config.gateway.strategy,
             cap_per_tenant=tenants.requires_key,
+            expose_backends=self.expose_backends,
         )
         self.canary = Canary(config.canary, self.backends, self.routes, incidents)
         self.started_at = now()
