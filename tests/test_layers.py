@@ -4,7 +4,8 @@ The checker parses every module under ``src/kvfactory`` with ``ast`` (nothing is
 and collects absolute, relative, function-level and ``TYPE_CHECKING`` imports plus
 ``importlib.import_module("kvfactory...")`` calls. ``from pkg import name`` counts as an
 import of ``pkg.name`` when that is a module. A module outside every layer fails too, so a
-new top-level module must be given a place in the table below.
+new top-level module must be given a place in the table below. The same imports must form
+no cycle between modules, however lazily either side imports the other.
 """
 
 from __future__ import annotations
@@ -156,6 +157,96 @@ def check_layers(root: Path) -> list[Violation]:
                     Violation(module, line, target, f"layer '{layer}' may not import it")
                 )
     return sorted(violations)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (any kind of import the checker sees).
+
+    A target that is not itself a module (``from pkg.mod import name``) counts as the
+    longest known module it names. A parent package is not an edge of its submodules:
+    Python runs a package's ``__init__`` before them, which is no cycle.
+    """
+    modules = discover(root)
+    known = set(modules)
+
+    def owner(target: str) -> str:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        return target
+
+    return {
+        module: {owner(t) for _, t in imports_of(module, path, is_package, known)} - {module, ""}
+        for module, (path, is_package) in modules.items()
+    }
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other, directly or not (Tarjan's strongly
+    connected components of more than one module), each sorted.
+
+    A cycle works only while each side imports the other lazily (``TYPE_CHECKING``, inside
+    a function) and breaks when someone moves an import to the top, so none is allowed.
+    """
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # recursion depth is bounded by the package's size
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    cycles = find_cycles(import_graph(SRC))
+    assert not cycles, "\n".join(" <-> ".join(group) for group in cycles)
+
+
+def test_the_cycle_check_flags_synthetic_cycles(tmp_path: Path) -> None:
+    files = {
+        "kvfactory/__init__.py": "",
+        "kvfactory/gateway/__init__.py": "from kvfactory.gateway.app import create\n",  # fine
+        "kvfactory/gateway/app.py": "from kvfactory.gateway.routes import install\n",
+        "kvfactory/gateway/routes.py": (  # back to app, hidden from runtime: still a cycle
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from kvfactory.gateway.app import Gateway\n"
+        ),
+        "kvfactory/store/__init__.py": "",
+        "kvfactory/store/a.py": "from . import b\n",
+        "kvfactory/store/b.py": "def f():\n    from kvfactory.store.c import g\n",
+        "kvfactory/store/c.py": "import kvfactory.store.a\n",  # a -> b -> c -> a
+        "kvfactory/store/d.py": "from kvfactory.store.a import x\n",  # into a cycle: fine
+    }
+    for relative, text in files.items():
+        _write(tmp_path, relative, text)
+
+    assert find_cycles(import_graph(tmp_path)) == [
+        ["kvfactory.gateway.app", "kvfactory.gateway.routes"],
+        ["kvfactory.store.a", "kvfactory.store.b", "kvfactory.store.c"],
+    ]
 
 
 def test_the_package_respects_its_layers() -> None:

@@ -18,7 +18,6 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -33,6 +32,7 @@ from kvfactory.engines.base import ChatMessage, Engine, GenerationRequest, check
 from kvfactory.errors import InvalidRequestError, KVFactoryError, ModelNotFoundError
 from kvfactory.gateway.errors import APIError, invalid_request, to_api_error
 from kvfactory.gateway.generation import Completed, MeteredGeneration, Outcome, outcome_of
+from kvfactory.gateway.prepared import Prepared, collect_unless_disconnected
 from kvfactory.gateway.request_body import BodyLimitMiddleware, json_body_doc, with_body_schemas
 from kvfactory.gateway.schemas import (
     ChatCompletionRequest,
@@ -57,7 +57,6 @@ from kvfactory.telemetry.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-Id"
 RequestModel = TypeVar("RequestModel", ChatCompletionRequest, CompletionRequest)
-DISCONNECT_POLL_S = 0.25
 UNKNOWN_MODEL_LABEL = "unknown"
 _HEALTHY = {"ok", "ready", "healthy", "serving"}
 
@@ -98,14 +97,6 @@ def _is_healthy(report: dict[str, object]) -> bool:
     if isinstance(status, str) and status.lower() not in _HEALTHY:
         return False
     return all(report.get(flag, True) is not False for flag in ("ok", "healthy", "ready"))
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    engine: Engine
-    generation: MeteredGeneration
-    request_id: str
-    created: int
 
 
 class Gateway:
@@ -157,7 +148,7 @@ class Gateway:
         arrived: float,
         messages: Sequence[ChatMessage] | None = None,
         pin_owner: str | None = None,
-    ) -> _Prepared:
+    ) -> Prepared:
         """Validate everything and dispatch; raises ``APIError`` before any engine work.
 
         ``messages`` replaces a chat body's messages (a session turn's whole prompt);
@@ -197,7 +188,7 @@ class Gateway:
             incidents=self.incidents,
             arrived=arrived,
         )
-        return _Prepared(engine, generation, request_id, now())
+        return Prepared(engine, generation, request_id, now())
 
     @staticmethod
     def _prompt_tokens(
@@ -237,7 +228,7 @@ class Gateway:
     async def respond(
         self,
         request: Request,
-        prepared: _Prepared,
+        prepared: Prepared,
         *,
         stream: bool,
         include_usage: bool,
@@ -260,26 +251,6 @@ class Gateway:
         if completed is None:
             return Response(status_code=499)
         return JSONResponse(body(completed))
-
-
-async def collect_unless_disconnected(
-    request: Request, generation: MeteredGeneration
-) -> Completed | None:
-    """Collect a non-streaming result; ``None`` (engine aborted) if the client went away."""
-    task = asyncio.ensure_future(generation.collect())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await generation.aclose()
 
 
 def _install_routes(app: FastAPI, gateway: Gateway) -> None:

@@ -10,8 +10,9 @@ handled by the session's policy, the reply is committed as a child of the head i
 prompt's KV blocks for the session. ``release_orphaned_pins_every`` (run by the app's
 lifespan) releases the pins of sessions deleted outside this process. Database calls,
 templating and tokenizing run in worker threads. Bodies are validated here, at the API
-boundary: integers are bounded to what the database stores (64-bit signed). This module knows engines only through ``engines.base`` and the
-``Gateway`` it is given.
+boundary: integers are bounded to what the database stores (64-bit signed). This module
+knows engines only through ``engines.base`` and the gateway only through
+``prepared.PreparingGateway``: it never imports ``app``, which imports it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -33,6 +34,7 @@ from kvfactory.engines.base import (
     SamplingParams,
 )
 from kvfactory.gateway.errors import APIError, invalid_request
+from kvfactory.gateway.prepared import PreparingGateway, collect_unless_disconnected
 from kvfactory.gateway.request_body import json_body_doc, load_json
 from kvfactory.gateway.schemas import (
     INT32_MAX,
@@ -54,9 +56,6 @@ from kvfactory.sessions import (
     pin_owner,
 )
 from kvfactory.sessions.overflow import check_fits, plan_overflow
-
-if TYPE_CHECKING:
-    from kvfactory.gateway.app import Gateway
 
 log = logging.getLogger("kvfactory.sessions")
 
@@ -136,15 +135,13 @@ def conflict_response(exc: VersionConflictError) -> Response:
 class SessionTurns:
     """Runs chat completions on a session's head and commits the reply as a version."""
 
-    def __init__(self, gateway: Gateway, service: SessionService):
+    def __init__(self, gateway: PreparingGateway, service: SessionService):
         self.gateway = gateway
         self.service = service
 
     async def run(
         self, request: Request, body: ChatCompletionRequest, session_id: str, arrived: float
     ) -> Response:
-        from kvfactory.gateway.app import collect_unless_disconnected
-
         store = self.service.store
         tenant = self.gateway.tenants.resolve_headers(request.headers)
         info = await asyncio.to_thread(store.get, session_id, tenant.name)
@@ -272,7 +269,9 @@ async def release_orphaned_pins_every(service: SessionService, interval_s: float
             log.info("released the KV pins of %d deleted session(s)", len(released))
 
 
-def install_session_routes(app: FastAPI, gateway: Gateway, service: SessionService) -> None:
+def install_session_routes(
+    app: FastAPI, gateway: PreparingGateway, service: SessionService
+) -> None:
     store = service.store
 
     def tenant_of(request: Request) -> str:
