@@ -45,6 +45,7 @@ LAYER_OF_PREFIX: dict[str, str] = {
     "kvfactory.gateway": "gateway",
     "kvfactory.planner": "planner",
     "kvfactory.bench": "bench",
+    "kvfactory.testing": "testing",  # test doubles: nothing in src imports them
     "kvfactory.cli": "cli",
     "kvfactory.__main__": "cli",
 }
@@ -66,6 +67,7 @@ ALLOWED: dict[str, tuple[str, ...] | None] = {
     ),
     "planner": ("kvfactory", *BASE, *POLICY_SIDE_OF_STORE, "kvfactory.planner"),
     "bench": ("kvfactory", *BASE, *TELEMETRY, "kvfactory.planner", "kvfactory.bench"),
+    "testing": ("kvfactory", *BASE, "kvfactory.engines.base", "kvfactory.testing"),
     "cli": None,  # anything
 }
 """Import targets each layer may use (a target matches a prefix exactly or as a parent)."""
