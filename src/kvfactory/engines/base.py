@@ -8,6 +8,7 @@ imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -144,7 +145,27 @@ def check_context(prompt_tokens: int, max_tokens: int, context_window: int) -> N
         )
 
 
+MAX_CACHE_SALT_CHARS = 128
+"""vLLM rejects longer ``cache_salt`` values (a 32-byte tenant salt is 64 hex characters)."""
+
+
+def vllm_cache_salt(tenant_salt: bytes) -> str | None:
+    """vLLM's ``cache_salt`` for a tenant salt (``None`` for the unsalted namespace).
+
+    The one rule for every path that talks to vLLM (the embedded ``VLLMEngine`` and the
+    factory gateway's ``vllm`` backends), so one tenant lands in the same vLLM prefix-cache
+    and connector namespace whichever path sent it. The salt's hex when it fits; a longer
+    salt is hashed down (SHA-256 hex) rather than cut, so two long salts sharing a prefix
+    never collapse into one namespace, and the value stays a per-tenant secret.
+    """
+    if not tenant_salt:
+        return None
+    text = tenant_salt.hex()
+    return text if len(text) <= MAX_CACHE_SALT_CHARS else hashlib.sha256(tenant_salt).hexdigest()
+
+
 __all__ = [
+    "MAX_CACHE_SALT_CHARS",
     "ChatMessage",
     "Engine",
     "FinishEvent",
@@ -155,4 +176,5 @@ __all__ = [
     "TokenEvent",
     "Usage",
     "check_context",
+    "vllm_cache_salt",
 ]

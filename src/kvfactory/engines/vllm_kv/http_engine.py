@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from kvfactory.engines.base import (
     TokenEvent,
     Usage,
     check_context,
+    vllm_cache_salt,
 )
 from kvfactory.engines.hf.chat_tokenizer import ChatTokenizer
 from kvfactory.engines.hf.runner import load_tokenizer_from
@@ -43,21 +43,14 @@ from kvfactory.engines.vllm_kv.store_report import VLLM_PREFIX
 from kvfactory.errors import EngineError, InvalidRequestError
 from kvfactory.telemetry.metrics import STORE_SERIES, Metrics, families_with_prefix
 
-MAX_CACHE_SALT_CHARS = 128
-"""vLLM rejects longer ``cache_salt`` values."""
 METRICS_TIMEOUT_S = 5.0
 """A scrape of the gateway waits this long for vLLM's own metrics."""
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _DATA = "data: "
 
 
-def cache_salt(tenant_salt: bytes) -> str | None:
-    """vLLM's ``cache_salt`` for a tenant salt (``None`` for the unsalted namespace)."""
-    if not tenant_salt:
-        return None
-    text = tenant_salt.hex()
-    # a salt too long for vLLM is hashed down; it stays a per-tenant secret either way
-    return text if len(text) <= MAX_CACHE_SALT_CHARS else hashlib.sha256(tenant_salt).hexdigest()
+cache_salt = vllm_cache_salt
+"""Kept under its old name; the rule is ``engines.base.vllm_cache_salt``."""
 
 
 def _upstream_error(status: int, body: bytes | str | dict[str, Any]) -> Exception:
@@ -219,7 +212,7 @@ class VLLMEngine:
             body["seed"] = sampling.seed
         if sampling.stop:
             body["stop"] = list(sampling.stop)
-        salt = cache_salt(request.tenant_salt)
+        salt = vllm_cache_salt(request.tenant_salt)
         if salt is not None:
             body["cache_salt"] = salt
         return body

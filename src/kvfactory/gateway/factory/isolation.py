@@ -22,12 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from kvfactory.engines.base import vllm_cache_salt
 from kvfactory.gateway.factory.config import BackendConfig
 from kvfactory.gateway.trusted import TENANT_HEADER, TrustedGateway, key_from_env
 
 CACHE_SALT_FIELD = "cache_salt"
-MAX_CACHE_SALT_CHARS = 128
-"""vLLM rejects longer ``cache_salt`` values (a 32-byte salt is 64 hex characters)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +37,9 @@ class Isolation:
     signer: TrustedGateway | None = None
 
     def cache_salt(self, salt: bytes) -> str | None:
-        """The body's ``cache_salt`` for this backend (``None``: send none)."""
-        if not self.salt_in_body or not salt:
-            return None
-        return salt.hex()[:MAX_CACHE_SALT_CHARS]
+        """The body's ``cache_salt`` for this backend (``None``: send none), by the same rule
+        as the embedded vLLM engine (``engines.base.vllm_cache_salt``)."""
+        return vllm_cache_salt(salt) if self.salt_in_body else None
 
     def headers(self, tenant: str, salt: bytes, *, path: str, body: bytes) -> dict[str, str] | None:
         """Extra headers for one POST of ``body`` to ``path`` (the URL path the backend
