@@ -16,18 +16,13 @@ from kvfactory.errors import ConfigError
 from kvfactory.gateway.admission import Admission, PriorityClass, TenantLimits, Ticket
 from kvfactory.gateway.errors import APIError
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+from kvfactory.testing import ManualClock
 
 T = TypeVar("T")
 
 STANDARD = PriorityClass("standard", rank=0, max_queue=64)
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+START = 1000.0
+"""Where the windows' clock starts (the tests' comments count from it)."""
 
 
 def run(coro: Callable[[], Awaitable[T]]) -> T:
@@ -43,7 +38,7 @@ async def settle_tasks(rounds: int = 5) -> None:
 
 
 def test_requests_per_minute_hold_exactly_under_50_concurrent_clients(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     incidents = IncidentLog(tmp_path / "incidents.jsonl")
     admission = Admission(
         {"team-a": TenantLimits(requests_per_minute=20)},
@@ -85,7 +80,7 @@ def test_requests_per_minute_hold_exactly_under_50_concurrent_clients(tmp_path: 
 
 
 def test_retry_after_is_computed_from_the_sliding_window() -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     admission = Admission({"t": TenantLimits(requests_per_minute=2)}, [STANDARD], 10, clock)
 
     async def scenario() -> None:
@@ -106,7 +101,7 @@ def test_retry_after_is_computed_from_the_sliding_window() -> None:
 
 
 def test_tokens_per_minute_reserve_then_settle_returns_unused() -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     admission = Admission({"t": TenantLimits(tokens_per_minute=1000)}, [STANDARD], 10, clock)
 
     async def scenario() -> None:
@@ -282,7 +277,7 @@ def test_priority_can_be_lowered_but_never_raised() -> None:
 
 def test_queue_timeout_is_a_429_and_refunds_the_quota() -> None:
     patient = PriorityClass("standard", queue_timeout_s=0.05)
-    clock = Clock()
+    clock = ManualClock(START)
     admission = Admission({"t": TenantLimits(requests_per_minute=2)}, [patient], 1, clock)
 
     async def scenario() -> None:

@@ -44,7 +44,6 @@ SCENARIOS: dict[str, list[tuple[str, str, str]]] = {
     "r429": [("a429", "alpha", "failure_threshold = 2"), ("b429", "beta", "")],
     "rhang": [("ahang", "alpha", "timeout_s = 1.0"), ("bhang", "beta", "")],
     "rslow": [("aslow", "alpha", "timeout_s = 1.0"), ("bslow", "beta", "")],
-    "rcb": [("acb", "alpha", "failure_threshold = 2\ncooldown_s = 1.5"), ("bcb", "beta", "")],
     "rkill": [("gkill", "gamma", "failure_threshold = 2\ncooldown_s = 1.0"), ("bkill", "beta", "")],
     "rmid": [("amid", "alpha", "timeout_s = 1.0")],
     "rdeg": [("adeg", "alpha", "")],
@@ -331,27 +330,8 @@ def test_every_backend_busy_is_a_429_with_retry_after(
 
 
 # -- circuit breaker ---------------------------------------------------------------------------
-
-
-def test_circuit_opens_then_recovers_through_a_half_open_probe(
-    gateway: Gateway, client: openai.OpenAI, ups: dict[str, Upstream]
-) -> None:
-    alpha = ups["alpha"]
-    alpha.control(upstream_model("rcb"), mode="error", status=500)
-    for _ in range(2):
-        assert chat(client, "rcb")[2]["x-kvfactory-backend"] == "bcb"
-    assert gateway.backend("acb")["circuit"] == "open"
-    assert len(gateway.incidents_of("backend_down", backend="acb")) == 1
-
-    assert chat(client, "rcb")[2]["x-kvfactory-backend"] == "bcb"
-    assert alpha.requests(upstream_model("rcb")) == 2  # the open circuit kept it away
-
-    alpha.control(upstream_model("rcb"), mode="ok")
-    time.sleep(1.6)
-    assert gateway.backend("acb")["circuit"] == "half_open"
-    assert chat(client, "rcb")[2]["x-kvfactory-backend"] == "acb"  # the probe
-    assert gateway.backend("acb")["circuit"] == "closed"
-    assert len(gateway.incidents_of("backend_down", backend="acb")) == 1  # once, on opening
+# The open -> half-open -> closed walk runs on a controlled clock in test_breaker_clock.py;
+# here, only what needs real processes: a SIGKILLed upstream, and its restart.
 
 
 def test_killed_backend_falls_back_and_comes_back_after_restart(

@@ -35,14 +35,7 @@ from kvfactory.gateway.trusted import (
     TrustedHeaderGuard,
     gateway_key,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from kvfactory.testing import ManualClock
 
 
 def _whoami(resolver: TenantResolver) -> Callable[[Request], Awaitable[Response]]:
@@ -144,8 +137,8 @@ def test_engine_backends_resolve_paths_and_need_an_opener(tmp_path: Path) -> Non
     assert engine.engine == {"store_dir": str(tmp_path / "store"), "chunk_tokens": 256}
     assert engine.api_root.startswith("http://")  # clients need a URL; no socket behind it
     with pytest.raises(ConfigError, match=r'backends\.e: kind = "engine" needs the embedded'):
-        Backends.from_config(loaded, clock=Clock(), env={})
-    assert "e" not in Backends.from_config(loaded, clock=Clock(), env={}, skip_engines=True)
+        Backends.from_config(loaded, clock=ManualClock(), env={})
+    assert "e" not in Backends.from_config(loaded, clock=ManualClock(), env={}, skip_engines=True)
 
 
 PATH = "/v1/chat/completions"
@@ -255,13 +248,13 @@ def test_isolation_per_backend_kind() -> None:
     signed = headers["X-KVFactory-Tenant"]
     assert verifier.verify_request(signed, method="POST", path=PATH, body=BODY) == ("t", salt)
     with pytest.raises(ConfigError, match="GW_KEY"):
-        Backends.from_config(config(a=kvf.model_dump()), clock=Clock(), env={})
+        Backends.from_config(config(a=kvf.model_dump()), clock=ManualClock(), env={})
 
 
 def test_a_missing_api_key_variable_is_a_config_error() -> None:
     loaded = config(a={"url": "http://x", "api_key_env": "KVF_TEST_NOT_SET"})
     with pytest.raises(ConfigError, match="KVF_TEST_NOT_SET is not set"):
-        Backends.from_config(loaded, clock=Clock(), env={})
+        Backends.from_config(loaded, clock=ManualClock(), env={})
 
 
 # -- circuit breaker -------------------------------------------------------------------------
@@ -274,7 +267,7 @@ def state_of(breaker: CircuitBreaker) -> CircuitState:
 
 
 def test_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
-    clock = Clock()
+    clock = ManualClock()
     breaker = CircuitBreaker(2, 5.0, clock=clock)
     assert not breaker.record_failure()
     assert state_of(breaker) is CircuitState.CLOSED
@@ -294,7 +287,7 @@ def test_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
 
 
 def test_a_released_probe_can_be_claimed_again() -> None:
-    clock = Clock()
+    clock = ManualClock()
     breaker = CircuitBreaker(1, 1.0, clock=clock)
     breaker.record_failure()
     clock.now = 1.0
@@ -357,7 +350,8 @@ def test_prefix_index_prefers_the_deepest_confirmed_match() -> None:
 def _backends(**extra: dict[str, Any]) -> Backends:
     names = ("a", "b", "c")
     return Backends.from_config(
-        config(**{n: {"url": f"http://{n}", **extra.get(n, {})} for n in names}), clock=Clock()
+        config(**{n: {"url": f"http://{n}", **extra.get(n, {})} for n in names}),
+        clock=ManualClock(),
     )
 
 
@@ -446,7 +440,7 @@ def test_failures_say_whose_fault_they_are() -> None:
 
 
 def test_one_source_alone_cannot_open_a_circuit() -> None:
-    clock = Clock()
+    clock = ManualClock()
     breaker = CircuitBreaker(threshold=3, cooldown_s=10, clock=clock)
     for _ in range(10):
         assert not breaker.record_failure("team-b")
