@@ -26,10 +26,10 @@ import httpx
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 
 from kvfactory.bench.commands import register as register_bench_commands
+from kvfactory.cli_support import FAILURE_EXIT_CODE, USAGE_EXIT_CODE, fail
 from kvfactory.config import Settings, load_settings, parse_size
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
 from kvfactory.gateway.factory.commands import register as register_gateway_commands
@@ -40,7 +40,6 @@ from kvfactory.store.factory import SHM_TIER, remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
 SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "max_request_bytes")
-USAGE_EXIT_CODE = 2
 UNTRIMMED_BYTES = 1 << 62
 """Disk budget used when the CLI only inspects a store: opening never trims blocks."""
 
@@ -873,20 +872,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.format_message()
         if not message.strip():  # a group called without a command: typer printed its help
             return exc.exit_code
-        return _fail(message, exc.exit_code)
+        return fail(message, exc.exit_code).exit_code
     except (ConfigError, ModelLoadError) as exc:
-        return _fail(str(exc), USAGE_EXIT_CODE)
+        return fail(str(exc), USAGE_EXIT_CODE).exit_code
     except KVFactoryError as exc:
-        return _fail(str(exc), 1)
+        return fail(str(exc), FAILURE_EXIT_CODE).exit_code
     except (typer.Abort, KeyboardInterrupt):
         return 130
     return result if isinstance(result, int) else 0
-
-
-def _fail(message: str, code: int) -> int:
-    first_line = " ".join(message.split())
-    _stderr().print(f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True)
-    return code
 
 
 __all__ = ["app", "build_settings", "human_bytes", "main", "parse_size", "run_server"]

@@ -17,26 +17,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from kvfactory.cli_support import fail
 from kvfactory.errors import KVFactoryError
 from kvfactory.extras import MissingExtraError
 from kvfactory.gateway.tenancy import hash_api_key
 from kvfactory.gateway.tenant_config import load_tenancy
 
 KEY_PREFIX = "kvf-"
-FAILURE_EXIT_CODE = 1
 
 tenants_app = typer.Typer(
     help="Tenants' API keys (stored hashed) and limits.", no_args_is_help=True
 )
-
-
-def _fail(message: str) -> typer.Exit:
-    first_line = (message.strip().splitlines() or ["failed"])[0]
-    Console(stderr=True).print(f"[red]error:[/red] {escape(first_line)}", highlight=False)
-    return typer.Exit(FAILURE_EXIT_CODE)
 
 
 @tenants_app.command("hash-key")
@@ -47,7 +40,7 @@ def hash_key_command() -> None:
     try:
         typer.echo(hash_api_key(key))
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 @tenants_app.command("new-key")
@@ -70,7 +63,7 @@ def check_command(
     except MissingExtraError:
         raise  # exit code 2 with the extra to install, like every other command
     except KVFactoryError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     table = Table(title=f"tenants (max_concurrent {tenancy.max_concurrent})")
     for column in ("tenant", "keys", "req/min", "tokens/min", "concurrent", "priority"):
         table.add_column(column)

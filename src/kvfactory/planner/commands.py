@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from kvfactory.cli_support import USAGE_EXIT_CODE, fail
 from kvfactory.errors import KVFactoryError
 from kvfactory.planner.hardware import HARDWARE_PRESETS, resolve_hardware
 from kvfactory.planner.models import MODEL_PRESETS, resolve_model
@@ -36,24 +36,15 @@ from kvfactory.planner.specs import parse_duration, parse_size, split_tier
 from kvfactory.planner.trace import MOONCAKE_BLOCK_TOKENS, load_trace
 from kvfactory.store.policy import DEFAULT_ADMISSION, EVICTION_POLICIES
 
-USAGE_EXIT_CODE = 2
 DEFAULT_SIM_TIERS = ("hbm:10%",)
 WIDE_OUTPUT = 180
-
-
-def _fail(message: str) -> typer.Exit:
-    first_line = (message.strip().splitlines() or ["failed"])[0]
-    Console(stderr=True).print(
-        f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True
-    )
-    return typer.Exit(USAGE_EXIT_CODE)
 
 
 def _run(body: Callable[[], None]) -> None:
     try:
         body()
     except (KVFactoryError, ValueError) as exc:  # ValueError: a value the seams rejected
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc), USAGE_EXIT_CODE) from exc
 
 
 def _console() -> Console:
@@ -67,7 +58,7 @@ def _write_json(path: Path, payload: dict[str, Any], console: Console) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
-        raise _fail(f"cannot write {path}: {exc}") from exc
+        raise fail(f"cannot write {path}: {exc}", USAGE_EXIT_CODE) from exc
     console.print(f"wrote {path}")
 
 
@@ -160,7 +151,9 @@ def _contexts(mean: float | None, p95: float | None, samples: str | None) -> Con
         try:
             values = [float(v) for v in samples.split(",") if v.strip()]
         except ValueError as exc:
-            raise _fail(f"--contexts must be comma-separated numbers, got {samples!r}") from exc
+            raise fail(
+                f"--contexts must be comma-separated numbers, got {samples!r}", USAGE_EXIT_CODE
+            ) from exc
         return ContextDistribution.from_samples(values)
     return ContextDistribution.from_mean(8192.0 if mean is None else mean, p95)
 

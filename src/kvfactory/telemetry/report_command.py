@@ -19,19 +19,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from kvfactory.cli_support import fail
 from kvfactory.errors import KVFactoryError
 from kvfactory.telemetry.economics import read_ledger
 from kvfactory.telemetry.report import economics_chart, summarize, summary_table
 
-FAILURE_EXIT_CODE = 1
 WIDE_OUTPUT = 200
-
-
-def _error(message: str) -> None:
-    first_line = (message.strip().splitlines() or ["failed"])[0]
-    Console(stderr=True).print(
-        f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True
-    )
 
 
 def report_command(
@@ -47,8 +40,7 @@ def report_command(
     try:
         contents = read_ledger(ledger)
     except OSError as exc:
-        _error(f"cannot read ledger {ledger}: {exc.strerror or exc}")
-        raise typer.Exit(FAILURE_EXIT_CODE) from exc
+        raise fail(f"cannot read ledger {ledger}: {exc.strerror or exc}") from exc
     stderr = Console(stderr=True, soft_wrap=True)  # one problem, one line: greppable
     for problem in contents.problems:
         stderr.print(f"[yellow]skipped:[/yellow] {escape(f'{ledger} {problem}')}", highlight=False)
@@ -72,13 +64,11 @@ def report_command(
         try:
             economics_chart(tenants, backends, png)
         except KVFactoryError as exc:
-            _error(str(exc))
-            raise typer.Exit(FAILURE_EXIT_CODE) from exc
+            raise fail(str(exc)) from exc
         if not as_json:
             Console().print(f"wrote {png}")
     if contents.problems:
-        _error(f"{len(contents.problems)} ledger line(s) could not be read and were skipped")
-        raise typer.Exit(FAILURE_EXIT_CODE)
+        raise fail(f"{len(contents.problems)} ledger line(s) could not be read and were skipped")
 
 
 def register(app: typer.Typer) -> None:
