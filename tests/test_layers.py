@@ -23,6 +23,7 @@ BASE = (
     "kvfactory.config",
     "kvfactory.server_secret",
     "kvfactory.private_files",
+    "kvfactory.stats",  # the one ``percentile`` of bench, report and the planner
     "kvfactory.cli_support",  # ``fail``: the one error line every command group prints
 )
 TELEMETRY = ("kvfactory.telemetry",)

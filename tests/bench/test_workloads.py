@@ -93,8 +93,9 @@ def _shot(turn: int, ttft: float | None, cached: int, error: str | None = None) 
 
 def test_percentiles_and_summary() -> None:
     assert percentile([], 50) is None
-    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
-    assert percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
+    # linear interpolation (kvfactory.stats; nearest rank before: 2.0 and 4.0)
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([3.0, 1.0, 2.0, 4.0], 99) == pytest.approx(3.97)
     shots = [_shot(0, 2.0, 0), _shot(1, 0.5, 80), _shot(1, 0.7, 60), _shot(2, None, 0, "boom")]
     summary = summarize("e", "m", "w", shots, wall_s=10.0)
     assert (summary.requests, summary.errors) == (4, 1)

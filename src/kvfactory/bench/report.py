@@ -8,7 +8,6 @@ This module knows nothing about HTTP or how shots were produced.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from rich.table import Table
 from kvfactory.bench.shots import Shot
 from kvfactory.errors import ConfigError
 from kvfactory.extras import pyplot, require
+from kvfactory.stats import percentile
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +50,6 @@ class Summary:
     @property
     def requests_per_s(self) -> float:
         return (self.requests - self.errors) / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile (``None`` for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(pct / 100 * len(ordered))))
-    return ordered[rank - 1]
 
 
 def summarize(

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from kvfactory._types import BlockKey
 from kvfactory.errors import ConfigError
 from kvfactory.planner.trace import ChainedRequest
+from kvfactory.stats import percentile
 from kvfactory.store.policy import (
     AdmissionPolicy,
     CostModel,
@@ -157,12 +158,10 @@ class _SimTier:
         return True
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
+def _percentile(values: Sequence[float], pct: float) -> float:
+    """``stats.percentile`` of values known to be non-empty."""
+    found = percentile(values, pct)
+    return math.nan if found is None else found
 
 
 class Simulator:
@@ -259,7 +258,7 @@ class Simulator:
             ordered = sorted(ttfts)
             ttft = TTFTSummary(
                 mean_s=sum(ordered) / len(ordered),
-                percentiles_s={p: percentile(ordered, p) for p in PERCENTILES},
+                percentiles_s={p: _percentile(ordered, p) for p in PERCENTILES},
             )
         return SimResult(
             eviction=self.config.eviction,

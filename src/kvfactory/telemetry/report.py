@@ -21,6 +21,7 @@ from rich.table import Table
 
 from kvfactory.errors import ConfigError
 from kvfactory.extras import pyplot
+from kvfactory.stats import percentile
 from kvfactory.telemetry.cost import per_million
 from kvfactory.telemetry.economics import UsageRecord
 
@@ -29,17 +30,6 @@ GROUPINGS: dict[str, Callable[[UsageRecord], str]] = {
     "backend": lambda r: r.backend,
 }
 """How records can be grouped, by name (a registry, so a new grouping is one entry)."""
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation; ``None`` for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True, slots=True)
