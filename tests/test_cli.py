@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvfactory.cli import build_settings, main, parse_size
-from kvfactory.config import Settings
+from kvfactory.config import Settings, load_settings
 from kvfactory.errors import ConfigError
 from kvfactory.store.codec import KVBlock
 from kvfactory.store.factory import open_store
@@ -45,6 +45,22 @@ def test_parse_size(text: str | int, expected: int) -> None:
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ConfigError, match="invalid size"):
         parse_size(text)
+
+
+def test_load_settings_reads_human_sizes_from_file_env_and_overrides(tmp_path: Path) -> None:
+    # not only through the CLI: load_settings is what the vLLM connector and sessions call
+    config = tmp_path / "kvfactory.toml"
+    config.write_text('disk_bytes = "3GiB"\nhost_reserve_bytes = "1MiB"\n')
+    env = {"KVFACTORY_MEMORY_BYTES": "2GiB", "KVFACTORY_SHM_BYTES": "500MB"}
+    settings = load_settings({"max_request_bytes": "8MiB"}, config_file=config, env=env)
+    assert (settings.memory_bytes, settings.disk_bytes) == (2 << 30, 3 << 30)
+    assert (settings.shm_bytes, settings.host_reserve_bytes) == (500 * 10**6, 1 << 20)
+    assert settings.max_request_bytes == 8 << 20
+    with pytest.raises(ConfigError, match=r"^KVFACTORY_DISK_BYTES: invalid size 'much'"):
+        load_settings({}, env={"KVFACTORY_DISK_BYTES": "much"})
+    config.write_text('disk_bytes = "lots"\n')
+    with pytest.raises(ConfigError, match=r"kvfactory\.toml: disk_bytes: invalid size 'lots'"):
+        load_settings({}, config_file=config, env={})
 
 
 def test_settings_precedence_flags_over_env_over_file(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,22 +38,8 @@ from kvfactory.sessions.commands import register as register_session_commands
 from kvfactory.store.factory import SHM_TIER, remote_tiers
 from kvfactory.telemetry.report_command import register as register_report_commands
 
-SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "max_request_bytes")
 UNTRIMMED_BYTES = 1 << 62
 """Disk budget used when the CLI only inspects a store: opening never trims blocks."""
-
-
-def _env_with_sizes(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment with human sizes in ``KVFACTORY_*_BYTES`` turned into integers."""
-    normalized = dict(env)
-    for name in SIZE_FIELDS:
-        key = f"KVFACTORY_{name.upper()}"
-        if key in normalized:
-            try:
-                normalized[key] = str(parse_size(normalized[key]))
-            except ConfigError as exc:
-                raise ConfigError(f"{key}: {exc}") from exc
-    return normalized
 
 
 def build_settings(
@@ -63,13 +48,9 @@ def build_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Settings from flags (``None`` = not given), env and file; sizes may be human."""
-    flags = dict(overrides)
-    for name in SIZE_FIELDS:
-        if flags.get(name) is not None:
-            flags[name] = parse_size(flags[name])
-    source_env = _env_with_sizes(os.environ if env is None else env)
-    return load_settings(flags, config_file=config_file, env=source_env)
+    """Settings from flags (``None`` = not given), env and file; ``load_settings`` reads
+    human sizes in all three."""
+    return load_settings(overrides, config_file=config_file, env=env)
 
 
 def human_bytes(n: int | None) -> str:

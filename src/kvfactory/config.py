@@ -39,6 +39,8 @@ _UNIT_BYTES = {
     "t": 1 << 40, "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12,
 }  # fmt: skip
 _TENANT_TABLE_FIELDS = frozenset({"store_bytes"})
+SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "host_reserve_bytes", "max_request_bytes")
+"""Settings that take a human size (``2GiB``) from flags, env and file alike."""
 
 
 def parse_size(text: str | int) -> int:
@@ -273,6 +275,21 @@ def _tenant_store_bytes(path: Path, tenants: object) -> dict[str, Any]:
     return budgets
 
 
+def _with_sizes(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with human sizes of ``SIZE_FIELDS`` as integers: the one place settings'
+    sizes are parsed, whoever calls ``load_settings``. ``where`` (``{name}`` in it) prefixes
+    an error, so it names the env variable or file that held the bad size."""
+    for name in SIZE_FIELDS:
+        value = values.get(name)
+        if isinstance(value, str):
+            try:
+                values[name] = parse_size(value)
+            except ConfigError as exc:
+                prefix = where.format(name=name, env=f"{ENV_PREFIX}{name.upper()}")
+                raise ConfigError(f"{prefix}{exc}") from exc
+    return values
+
+
 def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     fields = Settings.model_fields
     found: dict[str, Any] = {}
@@ -291,16 +308,17 @@ def load_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge defaults < file < env < overrides; ``None`` overrides are ignored."""
+    """Merge defaults < file < env < overrides; ``None`` overrides are ignored. Sizes
+    (``SIZE_FIELDS``) may be human (``2GiB``) in any of them."""
     env = os.environ if env is None else env
     merged: dict[str, Any] = {}
     file_path = config_file or (
         Path(env["KVFACTORY_CONFIG"]) if "KVFACTORY_CONFIG" in env else None
     )
     if file_path is not None:
-        merged.update(_read_file(file_path))
-    merged.update(_read_env(env))
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        merged.update(_with_sizes(_read_file(file_path), f"config file {file_path}: {{name}}: "))
+    merged.update(_with_sizes(_read_env(env), "{env}: "))
+    merged.update(_with_sizes({k: v for k, v in (overrides or {}).items() if v is not None}, ""))
     try:
         return Settings(**merged)
     except ValidationError as exc:
@@ -311,6 +329,7 @@ def load_settings(
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "SIZE_FIELDS",
     "GiB",
     "MiB",
     "Settings",
