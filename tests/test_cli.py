@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvfactory.cli import build_settings, main, parse_size
-from kvfactory.config import Settings, load_settings
+from kvfactory.config import Settings, human_bytes, load_settings
 from kvfactory.errors import ConfigError
 from kvfactory.store.codec import KVBlock
 from kvfactory.store.factory import open_store
@@ -45,6 +45,13 @@ def test_parse_size(text: str | int, expected: int) -> None:
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ConfigError, match="invalid size"):
         parse_size(text)
+
+
+def test_human_bytes_is_binary_and_reads_back_with_parse_size() -> None:
+    assert [human_bytes(n) for n in (None, 512, 2 << 30, 1.5 * (1 << 50))] == [
+        "unbounded", "512 B", "2.0 GiB", "1.5 PiB"
+    ]  # fmt: skip
+    assert parse_size(human_bytes(2 << 30).replace(" ", "")) == 2 << 30
 
 
 def test_load_settings_reads_human_sizes_from_file_env_and_overrides(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from kvfactory.bench.commands import register as register_bench_commands
 from kvfactory.cli_support import FAILURE_EXIT_CODE, USAGE_EXIT_CODE, fail
-from kvfactory.config import Settings, load_settings, parse_size
+from kvfactory.config import Settings, human_bytes, load_settings, parse_size
 from kvfactory.errors import ConfigError, KVFactoryError, ModelLoadError
 from kvfactory.gateway.factory.commands import register as register_gateway_commands
 from kvfactory.gateway.tenants_command import register as register_tenants_commands
@@ -51,17 +51,6 @@ def build_settings(
     """Settings from flags (``None`` = not given), env and file; ``load_settings`` reads
     human sizes in all three."""
     return load_settings(overrides, config_file=config_file, env=env)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "unbounded"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 class CommandFailed(typer.TyperException):

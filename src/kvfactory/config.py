@@ -61,6 +61,21 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNIT_BYTES[unit])
 
 
+def human_bytes(n: float | None) -> str:
+    """``2147483648`` -> ``"2.0 GiB"``; ``None`` -> ``"unbounded"``. The one byte formatter
+    of the CLI and the planner, in binary units (KiB..PiB, powers of 1024) because budgets
+    are set and parsed that way (``2GiB``, bare ``G``), so a budget prints as it was given.
+    """
+    if n is None:
+        return "unbounded"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def parse_tenant_sizes(value: object) -> dict[str, int]:
     """``{"team-a": "2GiB"}`` or ``"team-a=2GiB,team-b=512MiB"`` (the env form) ->
     ``{"team-a": 2147483648, ...}``."""
@@ -333,6 +348,7 @@ __all__ = [
     "GiB",
     "MiB",
     "Settings",
+    "human_bytes",
     "load_settings",
     "parse_size",
     "parse_tenant_sizes",

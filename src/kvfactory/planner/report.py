@@ -13,19 +13,13 @@ from typing import Any
 
 from rich.table import Table
 
+from kvfactory.config import human_bytes
 from kvfactory.errors import ConfigError
 from kvfactory.extras import pyplot
 from kvfactory.planner.kvmath import load_seconds
 from kvfactory.planner.plan import PlanResult
 from kvfactory.planner.replay import Comparison, policy_ratios
 from kvfactory.planner.simulator import PERCENTILES, SimResult
-
-
-def human_bytes(value: float) -> str:
-    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g} {unit}"
-    return f"{value:.0f} B"
 
 
 def human_seconds(value: float) -> str:
