@@ -34,6 +34,9 @@ MakeBlocks = Callable[..., list[KVBlock]]
         ("64 KiB", 64 << 10),
         ("3Ti", 3 << 40),
         ("10kb", 10_000),
+        ("5e10", 50_000_000_000),  # the planner's bandwidths, now the same parser
+        ("1PB", 10**15),
+        ("2PiB", 2 << 50),
         (4096, 4096),
     ],
 )
@@ -41,7 +44,7 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "-1", "2XB", "1.2.3G", "two"])
+@pytest.mark.parametrize("text", ["", "GiB", "-1", "2XB", "1.2.3G", "two", "5e", "1e400"])
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ConfigError, match="invalid size"):
         parse_size(text)

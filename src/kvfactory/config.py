@@ -11,6 +11,7 @@ caller. This module knows nothing about what the settings drive.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tomllib
@@ -30,13 +31,14 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * MiB
 DEFAULT_SHM_ROOT = Path(f"/dev/shm/kvfactory-{os.getuid() if hasattr(os, 'getuid') else 0}")
 """Per user: /dev/shm is shared by every account on the host."""
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+_SIZE_RE = re.compile(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*")
 _UNIT_BYTES = {
     "": 1, "b": 1,
     "k": 1 << 10, "ki": 1 << 10, "kib": 1 << 10, "kb": 10**3,
     "m": 1 << 20, "mi": 1 << 20, "mib": 1 << 20, "mb": 10**6,
     "g": 1 << 30, "gi": 1 << 30, "gib": 1 << 30, "gb": 10**9,
     "t": 1 << 40, "ti": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+    "p": 1 << 50, "pi": 1 << 50, "pib": 1 << 50, "pb": 10**15,
 }  # fmt: skip
 _TENANT_TABLE_FIELDS = frozenset({"store_bytes"})
 SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "host_reserve_bytes", "max_request_bytes")
@@ -44,9 +46,11 @@ SIZE_FIELDS = ("memory_bytes", "disk_bytes", "shm_bytes", "host_reserve_bytes", 
 
 
 def parse_size(text: str | int) -> int:
-    """``"2GiB"`` -> 2147483648, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1610612736.
+    """``"2GiB"`` -> 2147483648, ``"500MB"`` -> 500000000, ``"1.5G"`` -> 1610612736,
+    ``"5e10"`` -> 50000000000.
 
-    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and bare K/M/G/T are binary.
+    KB..PB are decimal; KiB..PiB and bare K..P are binary. The one size parser of kvfactory:
+    settings, tenant budgets and the planner's capacities and bandwidths all use it.
     """
     if isinstance(text, bool) or not isinstance(text, (int, str)):
         raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
@@ -58,7 +62,10 @@ def parse_size(text: str | int) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNIT_BYTES:
         raise ConfigError(f"invalid size {text!r}: use bytes or a unit like 500MB, 2GiB")
-    return int(float(match.group(1)) * _UNIT_BYTES[unit])
+    size = float(match.group(1)) * _UNIT_BYTES[unit]
+    if not math.isfinite(size):
+        raise ConfigError(f"invalid size {text!r}: too large")
+    return int(size)
 
 
 def human_bytes(n: float | None) -> str:

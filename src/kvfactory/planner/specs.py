@@ -1,7 +1,7 @@
 """Parsing of the planner's human-written quantities: sizes, bandwidths, durations, tiers.
 
-* sizes: ``4096`` (bytes), ``80GB``, ``80GiB``, ``1.5TB`` (KB..TB decimal; KiB..TiB and
-  bare K..T binary, as elsewhere in the CLI);
+* sizes: ``4096`` (bytes), ``80GB``, ``80GiB``, ``1.5TB`` (``config.parse_size``, the one
+  size parser of kvfactory: KB..PB decimal; KiB..PiB and bare K..P binary);
 * bandwidths: ``64GB/s``, ``3.35TB/s``, ``5e10`` (bytes per second);
 * durations: ``10us``, ``2ms``, ``0.5s``, ``1e-5`` (seconds);
 * simulated tiers: ``NAME:CAPACITY[:BANDWIDTH[:LATENCY]]`` where CAPACITY is a block count
@@ -19,33 +19,12 @@ import math
 import re
 from dataclasses import dataclass
 
+from kvfactory.config import parse_size
 from kvfactory.errors import ConfigError
 from kvfactory.planner.hardware import HardwareSpec
 from kvfactory.planner.simulator import TierSpec
 from kvfactory.store.tiers.base import TransferCost
 
-_UNITS = {
-    "": 1.0,
-    "b": 1.0,
-    "kb": 1e3,
-    "mb": 1e6,
-    "gb": 1e9,
-    "tb": 1e12,
-    "pb": 1e15,
-    "kib": 2.0**10,
-    "mib": 2.0**20,
-    "gib": 2.0**30,
-    "tib": 2.0**40,
-    # Bare K/M/G/T and Ki/Mi/Gi/Ti are binary, as in the rest of the CLI.
-    "k": 2.0**10,
-    "m": 2.0**20,
-    "g": 2.0**30,
-    "t": 2.0**40,
-    "ki": 2.0**10,
-    "mi": 2.0**20,
-    "gi": 2.0**30,
-    "ti": 2.0**40,
-}
 _TIMES = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
 
@@ -58,14 +37,6 @@ def _split(text: str, what: str) -> tuple[float, str]:
     if not math.isfinite(value):
         raise ConfigError(f"cannot read {what} {text!r}")
     return value, match.group(2).lower()
-
-
-def parse_size(text: str) -> float:
-    """Bytes from ``80GB``, ``80GiB`` or a plain number of bytes."""
-    value, unit = _split(text, "size")
-    if unit not in _UNITS:
-        raise ConfigError(f"unknown size unit in {text!r}; use B, KB, MB, GB, TB, KiB .. TiB")
-    return value * _UNITS[unit]
 
 
 def parse_bandwidth(text: str) -> float:
