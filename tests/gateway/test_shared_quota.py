@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_admission import STANDARD, Clock, run
+from test_admission import STANDARD, START, run
 
 from kvfactory.errors import ConfigError
 from kvfactory.gateway.admission import Admission, PriorityClass, TenantLimits, Ticket
@@ -20,6 +20,7 @@ from kvfactory.gateway.errors import APIError
 from kvfactory.gateway.shared_quota import SharedQuotas
 from kvfactory.gateway.tenant_config import parse_tenancy
 from kvfactory.telemetry.incidents import IncidentKind, IncidentLog
+from kvfactory.testing import ManualClock
 from store.redis_fixtures import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.redis
@@ -38,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def gateways(
     server: RedisServer,
     limits: TenantLimits,
-    clock: Clock,
+    clock: ManualClock,
     *,
     count: int = 2,
     prefix: str,
@@ -74,7 +75,7 @@ async def attempt(admission: Admission, tokens: int = 10) -> Ticket | APIError:
 
 
 def test_two_gateways_enforce_one_requests_per_minute_together(server: RedisServer) -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     a, b = gateways(server, TenantLimits(requests_per_minute=10), clock, prefix="rpm:")
 
     async def scenario() -> None:
@@ -98,7 +99,7 @@ def test_two_gateways_enforce_one_requests_per_minute_together(server: RedisServ
 
 
 def test_retry_after_comes_from_the_shared_log(server: RedisServer) -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     a, b = gateways(server, TenantLimits(requests_per_minute=2), clock, prefix="retry:")
 
     async def scenario() -> None:
@@ -120,7 +121,7 @@ def test_retry_after_comes_from_the_shared_log(server: RedisServer) -> None:
 
 
 def test_tokens_settled_on_one_gateway_free_room_on_the_other(server: RedisServer) -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     a, b = gateways(server, TenantLimits(tokens_per_minute=1000), clock, prefix="tpm:")
     quotas_a = a._quotas
     assert isinstance(quotas_a, SharedQuotas)
@@ -143,7 +144,7 @@ def test_tokens_settled_on_one_gateway_free_room_on_the_other(server: RedisServe
 
 
 def test_a_request_refused_by_a_full_queue_gives_its_quota_back(server: RedisServer) -> None:
-    clock = Clock()
+    clock = ManualClock(START)
     tight = (PriorityClass("standard", rank=0, max_queue=0),)
     (a,) = gateways(
         server,
@@ -178,7 +179,7 @@ def test_an_unreachable_server_falls_back_to_local_windows_then_shares_again(
     require_redis_server()
     server = RedisServer(tmp_path / "redis").start()
     incidents = IncidentLog(tmp_path / "incidents.jsonl")
-    clock = Clock()
+    clock = ManualClock(START)
     a, b = gateways(
         server, TenantLimits(requests_per_minute=3), clock, prefix="down:", incidents=incidents
     )
