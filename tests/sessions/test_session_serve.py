@@ -150,6 +150,7 @@ def test_a_session_survives_a_restart_and_reuses_its_kv(
     before_restart: BeforeRestart,
     restarted: httpx.Client,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = home.path / "home" / "sessions.db"
     assert database.is_file()  # the default database, no --sessions-db given
@@ -168,7 +169,12 @@ def test_a_session_survives_a_restart_and_reuses_its_kv(
     assert after["choices"][0]["message"]["content"] == before_restart.reference_reply
     assert (after["session"]["version"], after["session"]["parent"]) == (3, 2)
 
-    # The CLI reads the same database while the server holds it.
+    # The CLI reads the same database while the server holds it, with the server's secret
+    # (the audit chain is keyed: without it, verify must fail).
+    monkeypatch.setenv("KVFACTORY_SERVER_SECRET", "not-the-server-secret")
+    assert main(["session", "verify", sid, "--sessions-db", str(database)]) == 1
+    capsys.readouterr()
+    monkeypatch.setenv("KVFACTORY_SERVER_SECRET", home.env["KVFACTORY_SERVER_SECRET"])
     assert main(["session", "verify", sid, "--sessions-db", str(database)]) == 0
     assert "audit verified: 1 session" in capsys.readouterr().out
     assert main(["session", "log", sid, "--sessions-db", str(database), "--json"]) == 0
