@@ -90,6 +90,11 @@ async def _overload(engine: HFEngine, metrics: Metrics) -> httpx.Response:
         ]
         deadline = time.monotonic() + 120
         while (engine.health()["running"], engine.health()["waiting"]) != (1, 1):
+            for task in busy:  # a busy request that ended cannot fill the queue: say why
+                if task.done():
+                    error = task.exception()
+                    why = repr(error) if error else f"{task.result()} {task.result().text[:300]}"
+                    raise AssertionError(f"a busy request ended early: {why}")
             assert time.monotonic() < deadline, f"queue never filled: {engine.health()}"
             await asyncio.sleep(0.05)
         rejected = await client.post("/v1/chat/completions", json={**body, "stream": False})
