@@ -6,8 +6,9 @@ base layer, because both the gateway and the store (opened by the embedded engin
 vLLM connector and the CLI, none of which may import the gateway) need the same value.
 
 Where it comes from: ``KVFACTORY_SERVER_SECRET`` (any string, hashed to 32 bytes), else
-``HOME/server-secret``, a 0600 file of 32 random bytes created on first use with
-``O_EXCL`` (so two processes starting together cannot write two different secrets).
+``HOME/server-secret``, a 0600 file of 32 random bytes created on first use and linked
+into place whole (so two processes starting together agree on one secret and never read a
+half-written one).
 Every process that shares a tier (replicas on one disk or shm folder, servers and vLLM
 workers on one Redis) must see the same secret: the same ``home`` or the same variable.
 
@@ -22,15 +23,17 @@ This module knows nothing of what either value keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import blake3
 
 from kvfactory.errors import ConfigError
-from kvfactory.private_files import FILE_MODE, make_private_dir
+from kvfactory.private_files import make_private_dir
 
 SECRET_ENV = "KVFACTORY_SERVER_SECRET"
 SECRET_FILE = "server-secret"
@@ -70,21 +73,31 @@ def load_encryption_key(home: Path, env: Mapping[str, str] | None = None) -> byt
 def _load_or_create(path: Path, what: str) -> bytes:
     """32 random bytes kept in ``path`` (0600, its folder 0700), created on first use.
 
-    NOTE: created with ``O_EXCL`` and its final mode in one call, so two processes
-    starting together cannot write two different values and no other account can read it
-    even for a moment, whatever the umask."""
-    try:
-        make_private_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot create the {what} {path}: {exc}") from exc
-    else:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(SECRET_SIZE))
-            handle.flush()
-            os.fsync(handle.fileno())
+    NOTE: the value is written and fsynced in a private temporary file first, then
+    ``os.link``-ed into place, which fails when ``path`` exists: so ``path`` never exists
+    half-written (a vLLM scheduler and its tensor-parallel workers start together on one
+    home, and one of them reading an empty file was a real failure), two processes
+    starting together cannot install two different values, and no other account can read
+    it even for a moment, whatever the umask."""
+    if not path.exists():
+        try:
+            make_private_dir(path.parent)
+            fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the {what} {path}: {exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as handle:  # mkstemp: O_EXCL, mode 0600
+                handle.write(secrets.token_bytes(SECRET_SIZE))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(scratch, path)
+        except FileExistsError:
+            pass  # another process installed its value first: everyone reads that one
+        except OSError as exc:
+            raise ConfigError(f"cannot create the {what} {path}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch)
     try:
         secret = path.read_bytes()
     except OSError as exc:
