@@ -9,9 +9,7 @@ whole 8k context window).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,12 +19,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
-
-from kvfactory.bench.servers import ServerStartError, running_server
+from serve_process import embedded_server
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 300.0
 MAX_EXAMPLES = 40
 MAX_NEW_TOKENS = 4
 _GENERATING = ("/v1/chat/completions", "/v1/completions")
@@ -34,27 +30,11 @@ _GENERATING = ("/v1/chat/completions", "/v1/completions")
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    workdir = tmp_path_factory.mktemp("fuzz")
-    env = {
-        **os.environ,
-        "KVFACTORY_SERVER_SECRET": "test-secret",
-        "KVFACTORY_SESSIONS_URL": str(workdir / "sessions.db"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    flags = [
-        "--store-dir", str(workdir / "store"), "--memory-bytes", "128MiB",
-        "--disk-bytes", "256MiB", "--log-level", "warning",
-    ]  # fmt: skip
-    log = workdir / "server.log"
-    try:
-        with running_server(
-            flags, log=log, env=env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=60
-        ) as base:
-            yield base
-    except ServerStartError as exc:
-        pytest.fail(str(exc))
-    finally:
-        print(Path(log).read_text(errors="replace")[-3000:])
+    with embedded_server(tmp_path_factory.mktemp("fuzz")) as server:
+        try:
+            yield server.base_url
+        finally:
+            print(server.log.read_text(errors="replace")[-3000:])
 
 
 def _short(body: Any) -> None:
